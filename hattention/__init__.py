@@ -1,0 +1,6 @@
+"""Hierarchical attention (H-Transformer-1D) as pure JAX functions."""
+
+from hattention.attention import hierarchical_attention
+from hattention.decode import decode_step, init_cache
+
+__all__ = ["hierarchical_attention", "init_cache", "decode_step"]

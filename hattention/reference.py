@@ -1,0 +1,120 @@
+"""Dense O(length^2) hierarchical attention, built directly from the pair rule.
+
+For tests only. It materialises a [padded_length, padded_length] level map and a
+logit matrix per level, so it is slow and memory hungry by design; its only job is
+to be obviously correct.
+
+The rule (block size b, padded length T' = b * 2**M, the smallest with M >= 1):
+
+  level(t, s) = min { l : |t // (b * 2**l) - s // (b * 2**l)| <= 1 }
+
+At level l the key of position s is the mean of the real keys in the aligned cell
+of 2**l positions holding s; the query of position t depends on ``query_mode``
+("fine": query[t]; "sample": query[(t >> l) << l]; "mean": mean of the real
+queries of t's cell). The softmax runs over every real fine position s (and only
+s <= t when causal), each weighted by exp(q_l(t) . k_l(s) / sqrt(head_dim)) and
+carrying value[s]. Rows that see no key at all return zeros.
+"""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def padded_length(length: int, block_size: int) -> int:
+  """Smallest block_size * 2**M >= length with M >= 1."""
+  padded = 2 * block_size
+  while padded < length:
+    padded *= 2
+  return padded
+
+
+def level_map(padded: int, block_size: int) -> np.ndarray:
+  """[padded, padded] int array: the level at which query t sees key s."""
+  positions = np.arange(padded)
+  levels = np.full((padded, padded), -1, dtype=np.int32)
+  level, width = 0, block_size
+  while (levels < 0).any():
+    t_block = positions[:, None] // width
+    s_block = positions[None, :] // width
+    near = np.abs(t_block - s_block) <= 1
+    levels = np.where((levels < 0) & near, level, levels)
+    level, width = level + 1, width * 2
+  return levels
+
+
+def _cell_mean(x: jnp.ndarray, real: jnp.ndarray, cell: int) -> jnp.ndarray:
+  """Mean of x over real positions of each aligned cell, broadcast back to positions.
+
+  x: [batch, padded, heads, dim]; real: [batch, padded] bool.
+  """
+  batch, padded, heads, dim = x.shape
+  weights = real.astype(x.dtype)[:, :, None, None]
+  sums = (x * weights).reshape(batch, padded // cell, cell, heads, dim).sum(2)
+  counts = weights.reshape(batch, padded // cell, cell, 1, 1).sum(2)
+  means = sums / jnp.maximum(counts, 1.0)
+  return jnp.repeat(means, cell, axis=1)
+
+
+def _level_query(query, real, level, query_mode):
+  """[batch, padded, heads, dim] query each position uses at `level`."""
+  cell = 2**level
+  if query_mode == "fine" or level == 0:
+    return query
+  if query_mode == "sample":
+    starts = (np.arange(query.shape[1]) >> level) << level
+    return query[:, starts]
+  if query_mode == "mean":
+    return _cell_mean(query, real, cell)
+  raise ValueError(f"query_mode={query_mode!r}")
+
+
+def hierarchical_attention_reference(query, key, value, *, block_size=16,
+                                     causal=True, query_mode="sample",
+                                     key_mask=None, num_levels=None):
+  """Dense reference of hierarchical attention.
+
+  Args:
+    query, key, value: [batch, length, heads, head_dim].
+    block_size: the paper's Nr, a power of two >= 2.
+    causal: only keys at s <= t are seen.
+    query_mode: "sample", "fine" or "mean".
+    key_mask: optional [batch, length] bool, True for real tokens.
+    num_levels: if set, pairs whose level is >= num_levels are dropped
+      (num_levels=1 is block-local attention over the diagonal and neighbour
+      blocks).
+
+  Returns:
+    [batch, length, heads, head_dim] in query's dtype, computed in float32.
+  """
+  batch, length, heads, dim = query.shape
+  padded = padded_length(length, block_size)
+  pad = [(0, 0), (0, padded - length), (0, 0), (0, 0)]
+  q, k, v = (jnp.pad(x.astype(jnp.float32), pad) for x in (query, key, value))
+  if key_mask is None:
+    key_mask = jnp.ones((batch, length), dtype=bool)
+  real = jnp.pad(key_mask.astype(bool), [(0, 0), (0, padded - length)])
+
+  levels = level_map(padded, block_size)
+  allowed = real[:, None, None, :]  # [batch, 1, 1, s]
+  if causal:
+    allowed = allowed & np.tril(np.ones((padded, padded), dtype=bool))
+  if num_levels is not None:
+    allowed = allowed & (levels < num_levels)
+
+  logits = jnp.zeros((batch, heads, padded, padded), jnp.float32)
+  for level in range(int(levels.max()) + 1):
+    q_l = _level_query(q, real, level, query_mode)
+    k_l = _cell_mean(k, real, 2**level)
+    logits_l = jnp.einsum("bthd,bshd->bhts", q_l, k_l) / math.sqrt(dim)
+    logits = jnp.where(levels == level, logits_l, logits)
+
+  logits = jnp.where(allowed, logits, -jnp.inf)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  weights = jnp.where(allowed, jnp.exp(logits - row_max), 0.0)
+  denom = weights.sum(-1, keepdims=True)
+  probs = weights / jnp.where(denom > 0, denom, 1.0)
+  out = jnp.einsum("bhts,bshd->bthd", probs, v)
+  return out[:, :length].astype(query.dtype)

@@ -1,0 +1,1 @@
+"""LM1B language modelling with hierarchical attention."""
