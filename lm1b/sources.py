@@ -1,0 +1,292 @@
+"""Sentence sources: where the raw text comes from (embedded corpus, LM1B tarball, text, TFDS).
+
+Every source yields clean sentences (str) for the splits "train" and "test". File-based sources
+share `clean_lines`: bytes are decoded as UTF-8 with errors="replace" (lines with a replacement
+character are counted), lines are stripped, empty lines skipped, and lines longer than
+MAX_LINE_CHARS characters split at whitespace (hard-split when a piece has none) into several
+sentences; each file's counts are logged. Reading is streamed, so huge files or a 1 MB line are
+fine. TensorFlow is imported only inside TfdsSource's methods.
+"""
+
+import abc
+import dataclasses
+import glob
+import hashlib
+import io
+import logging
+import os
+import pathlib
+import re
+from collections.abc import Iterable, Iterator, Sequence
+
+import gin
+
+from lm1b import corpus
+
+MAX_LINE_CHARS = 4096
+SPLITS = ("train", "test")
+TFDS_INSTALL_HINT = "pip install -r requirements-tfds.txt"
+_READ_CHARS = 1 << 16
+_CLEANING_VERSION = 1  # part of every fingerprint: bump when clean_lines changes its output
+_WHITESPACE = re.compile(r"\s+")
+
+
+@dataclasses.dataclass
+class LineStats:
+  """Counts of one cleaned stream (a file or a TFDS split)."""
+  lines: int = 0
+  sentences: int = 0
+  empty: int = 0
+  replaced: int = 0
+  split: int = 0
+
+  def log(self, label: str) -> None:
+    message = ("%s: %d lines -> %d sentences; %d empty skipped, %d with invalid UTF-8 replaced, "
+               "%d longer than %d chars split")
+    level = logging.WARNING if (self.empty or self.replaced or self.split) else logging.INFO
+    logging.log(level, message, label, self.lines, self.sentences, self.empty, self.replaced,
+                self.split, MAX_LINE_CHARS)
+
+
+def _cut(text: str) -> tuple[int, int]:
+  """(end of the first piece, start of the rest) for text longer than MAX_LINE_CHARS.
+
+  Cuts at the last whitespace run within the first MAX_LINE_CHARS + 1 characters (searched in
+  the reversed window), or hard at MAX_LINE_CHARS when there is none. text[0] is not whitespace.
+  """
+  window = text[1:MAX_LINE_CHARS + 1]
+  match = _WHITESPACE.search(window[::-1])
+  if match is None:
+    return MAX_LINE_CHARS, MAX_LINE_CHARS
+  return 1 + len(window) - match.end(), 1 + len(window) - match.start()
+
+
+def clean_lines(chunks: Iterable[str], stats: LineStats) -> Iterator[str]:
+  """Yields the sentences of decoded text given as chunks, updating `stats`.
+
+  A chunk ending in "\\n" ends a line; chunks never contain "\\n" elsewhere (as produced by
+  `TextIOWrapper.readline(size)`). Memory stays bounded by MAX_LINE_CHARS + one chunk whatever
+  the line length.
+  """
+  pending, pieces, bad = "", 0, False
+  for chunk in chunks:
+    bad = bad or "\ufffd" in chunk
+    pending = (pending + chunk) if pending else chunk.lstrip()
+    while len(pending) > MAX_LINE_CHARS:
+      end, resume = _cut(pending)
+      yield pending[:end]
+      pieces += 1
+      pending = pending[resume:].lstrip()
+    if chunk.endswith("\n"):
+      yield from _finish_line(pending, pieces, bad, stats)
+      pending, pieces, bad = "", 0, False
+  if pending or pieces:
+    yield from _finish_line(pending, pieces, bad, stats)
+
+
+def _finish_line(rest: str, pieces: int, bad: bool, stats: LineStats) -> Iterator[str]:
+  rest = rest.strip()
+  if rest:
+    pieces += 1
+    yield rest
+  stats.lines += 1
+  stats.sentences += pieces
+  stats.empty += pieces == 0
+  stats.replaced += bad
+  stats.split += pieces > 1
+
+
+def _file_chunks(path: pathlib.Path) -> Iterator[str]:
+  with open(path, "rb") as raw:
+    text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="\n")
+    while chunk := text.readline(_READ_CHARS):
+      yield chunk
+
+
+def read_file_sentences(path: pathlib.Path) -> Iterator[str]:
+  """Cleaned sentences of one text file; logs the file's counts when it has been read."""
+  stats = LineStats()
+  yield from clean_lines(_file_chunks(path), stats)
+  stats.log(str(path))
+
+
+def _check_split(split: str) -> None:
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+
+class SentenceSource(abc.ABC):
+  """A corpus with a train and a test split of sentences."""
+
+  name: str
+
+  @abc.abstractmethod
+  def sentences(self, split: str) -> Iterator[str]:
+    """Yields the cleaned sentences of `split` ("train" or "test") in a fixed order."""
+
+  @abc.abstractmethod
+  def fingerprint(self, split: str) -> str:
+    """A stable hex digest that changes when the split's data changes (for cache keys)."""
+
+
+class _FileSource(SentenceSource):
+  """A source whose splits are lists of files, checked when the source is built."""
+
+  def __init__(self, files: dict[str, list[pathlib.Path]], origin: dict[str, str]):
+    for split in SPLITS:
+      if all(path.stat().st_size == 0 for path in files[split]):
+        names = ", ".join(map(str, files[split]))
+        raise ValueError(f"{self.name}: every {split} file is empty: {names}")
+    self._files = files
+    self._origin = origin
+
+  def files(self, split: str) -> list[pathlib.Path]:
+    _check_split(split)
+    return list(self._files[split])
+
+  def sentences(self, split: str) -> Iterator[str]:
+    count = 0
+    for path in self.files(split):
+      for sentence in read_file_sentences(path):
+        count += 1
+        yield sentence
+    if count == 0:
+      raise ValueError(f"{self.name}: {split} split {self._origin[split]} has no sentences "
+                       "(only empty or whitespace lines)")
+
+  def fingerprint(self, split: str) -> str:
+    digest = hashlib.sha256(f"{type(self).__name__}|{split}|{_CLEANING_VERSION}".encode())
+    for path in self.files(split):
+      stat = path.stat()
+      digest.update(f"|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
+
+
+class TarballSource(_FileSource):
+  """The official LM1B tarball layout under `path` (the extracted 1-billion-word directory).
+
+  train = every training-monolingual.tokenized.shuffled/news.en-*-of-* shard, sorted;
+  test = the heldout shards numbered in `test_shards` (default 00000, the literature's test set).
+  """
+
+  def __init__(self, path: str | os.PathLike, test_shards: Sequence[int] = (0,)):
+    self.path = pathlib.Path(path)
+    self.name = f"tarball:{self.path}"
+    train_dir = self.path / corpus.TRAIN_DIR
+    heldout_dir = self.path / corpus.HELDOUT_DIR
+    for directory in (self.path, train_dir, heldout_dir):
+      if not directory.is_dir():
+        raise FileNotFoundError(f"LM1B tarball directory not found: {directory}")
+    train_pattern = str(train_dir / "news.en-?????-of-?????")
+    train = sorted(pathlib.Path(p) for p in glob.glob(train_pattern))
+    if not train:
+      raise FileNotFoundError(f"no LM1B training shards match {train_pattern}")
+    if not test_shards:
+      raise ValueError(f"{self.name}: test_shards is empty")
+    test = [self._heldout_shard(heldout_dir, int(i)) for i in test_shards]
+    super().__init__({"train": train, "test": test},
+                     {"train": train_pattern, "test": ", ".join(map(str, test))})
+
+  @staticmethod
+  def _heldout_shard(heldout_dir: pathlib.Path, index: int) -> pathlib.Path:
+    pattern = str(heldout_dir / f"news.en.heldout-{index:05d}-of-?????")
+    found = glob.glob(pattern)
+    if len(found) != 1:
+      raise FileNotFoundError(f"LM1B heldout shard {index} not found: {pattern}")
+    return pathlib.Path(found[0])
+
+
+class EmbeddedSource(TarballSource):
+  """The project's synthetic grammar corpus (see lm1b.corpus), generated on first use."""
+
+  def __init__(self, root: str | os.PathLike | None = None, test_shards: Sequence[int] = (0,),
+               *, scale: float = 1.0):
+    path = corpus.ensure_embedded_corpus(
+        pathlib.Path(root) if root is not None else None, scale=scale)
+    super().__init__(path, test_shards)
+    self.name = path.name
+
+
+class TextSource(_FileSource):
+  """Plain UTF-8 text files, one sentence per line, selected by a glob per split (sorted)."""
+
+  def __init__(self, train_glob: str, test_glob: str):
+    self.name = f"text:{train_glob}"
+    files = {}
+    for split, pattern in (("train", train_glob), ("test", test_glob)):
+      found = glob.glob(os.path.expanduser(pattern), recursive=True)
+      matches = sorted(pathlib.Path(p) for p in found)
+      files[split] = [p for p in matches if p.is_file()]
+      if not files[split]:
+        raise FileNotFoundError(f"{split} glob matches no files: {pattern}")
+    super().__init__(files, {"train": train_glob, "test": test_glob})
+
+
+def _import_tfds():
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  except ImportError as error:
+    raise ImportError(f"the tfds source needs TensorFlow Datasets ({error}); run: "
+                      f"{TFDS_INSTALL_HINT}") from error
+  return tfds
+
+
+class TfdsSource(SentenceSource):
+  """A TFDS text dataset (default lm1b) read through tfds.load; the "text" feature per example."""
+
+  def __init__(self, name: str = "lm1b", data_dir: str | None = None):
+    self.tfds_name = name
+    self.data_dir = data_dir
+    self.name = f"tfds:{name}"
+    _import_tfds()  # fail at construction when TensorFlow Datasets is missing
+
+  def _load(self, split: str):
+    _check_split(split)
+    tfds = _import_tfds()
+    dataset = tfds.load(self.tfds_name, split=split, data_dir=self.data_dir,
+                        shuffle_files=False, try_gcs=False)
+    return tfds, dataset
+
+  def sentences(self, split: str) -> Iterator[str]:
+    tfds, dataset = self._load(split)
+    stats = LineStats()
+    chunks = (line + "\n"
+              for example in tfds.as_numpy(dataset)
+              for line in example["text"].decode("utf-8", errors="replace").split("\n"))
+    yield from clean_lines(chunks, stats)
+    stats.log(f"{self.name}[{split}]")
+    if stats.sentences == 0:
+      raise ValueError(f"{self.name}: {split} split has no sentences")
+
+  def fingerprint(self, split: str) -> str:
+    _check_split(split)
+    tfds = _import_tfds()
+    builder = tfds.builder(self.tfds_name, data_dir=self.data_dir)
+    key = f"TfdsSource|{self.tfds_name}|{builder.info.full_name}|{split}|{_CLEANING_VERSION}"
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@gin.configurable
+def make_source(kind: str = "embedded", path: str | None = None, train_glob: str | None = None,
+                test_glob: str | None = None, test_shards: Sequence[int] = (0,),
+                tfds_name: str = "lm1b", tfds_data_dir: str | None = None) -> SentenceSource:
+  """Builds the source named by `kind`: "embedded", "tarball", "text" or "tfds".
+
+  embedded: the synthetic corpus under `path` (a data root; default data_root()).
+  tarball: the extracted LM1B directory `path`, test = heldout shards `test_shards`.
+  text: files matching `train_glob` / `test_glob`.
+  tfds: tfds.load(`tfds_name`, data_dir=`tfds_data_dir`).
+  """
+  if kind == "embedded":
+    return EmbeddedSource(path, test_shards)
+  if kind == "tarball":
+    if path is None:
+      raise ValueError("make_source(kind='tarball') needs path (the extracted LM1B directory)")
+    return TarballSource(path, test_shards)
+  if kind == "text":
+    if train_glob is None or test_glob is None:
+      raise ValueError("make_source(kind='text') needs both train_glob and test_glob")
+    return TextSource(train_glob, test_glob)
+  if kind == "tfds":
+    return TfdsSource(tfds_name, tfds_data_dir)
+  raise ValueError(f"unknown source kind {kind!r}; expected embedded, tarball, text or tfds")

@@ -1,0 +1,118 @@
+"""Tests for lm1b/token_cache.py: build, memmap reuse, keys, atomicity, progress log."""
+
+import logging
+import os
+
+import numpy as np
+import pytest
+
+from lm1b import token_cache, tokenizer as tok
+from tests.fake_source import ListSource, random_sentences
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+  source = ListSource({"train": random_sentences(1500)})
+  return [tok.load_or_train_tokenizer(tmp_path_factory.mktemp(f"w{v}"), source, vocab_size=v)
+          for v in (45, 60)]
+
+
+@pytest.fixture
+def data_root(tmp_path, monkeypatch):
+  monkeypatch.setenv("HLM1B_DATA_ROOT", str(tmp_path / "root"))
+  return tmp_path / "root"
+
+
+def test_build_matches_tokenizer_and_reuse_is_memmap(tokenizers, data_root, caplog):
+  tokenizer = tokenizers[0]
+  sentences = random_sentences(250, seed=3)
+  source = ListSource({"test": sentences})
+  with caplog.at_level(logging.INFO):
+    built = token_cache.load_or_build_tokenized(source, "test", tokenizer, num_threads=2)
+  assert "sentences/s" in caplog.text
+  assert len(built) == 250
+  assert built.tokens.dtype == np.uint16 and built.offsets.dtype == np.int64
+  assert built.words.dtype == np.int32
+  for i, sentence in enumerate(sentences):
+    assert built.sentence(i).tolist() == tokenizer.encode(sentence)
+    assert built.words[i] == len(sentence.split()) + 1
+  cache_dirs = list((data_root / "token_cache").iterdir())
+  assert len(cache_dirs) == 1
+  names = sorted(p.name for p in cache_dirs[0].iterdir())
+  assert names == ["meta.json", "offsets.npy", "tokens.bin", "words.npy"]
+  mtimes = {p.name: os.stat(p).st_mtime_ns for p in cache_dirs[0].iterdir()}
+
+  again = token_cache.load_or_build_tokenized(source, "test", tokenizer)
+  assert source.reads == 1  # the second call read nothing from the source
+  assert isinstance(again.tokens, np.memmap) and not again.tokens.flags.writeable
+  assert isinstance(again.offsets, np.memmap)
+  np.testing.assert_array_equal(again.tokens, built.tokens)
+  np.testing.assert_array_equal(again.offsets, built.offsets)
+  np.testing.assert_array_equal(again.words, built.words)
+  assert {p.name: os.stat(p).st_mtime_ns for p in cache_dirs[0].iterdir()} == mtimes
+
+
+def test_chunked_build_equals_single_chunk(tokenizers, tmp_path, monkeypatch):
+  sentences = random_sentences(101, seed=4)
+  whole = token_cache.load_or_build_tokenized(ListSource({"train": sentences}), "train",
+                                              tokenizers[0], cache_dir=tmp_path / "a")
+  monkeypatch.setattr(token_cache, "CHUNK_SENTENCES", 7)
+  chunked = token_cache.load_or_build_tokenized(ListSource({"train": sentences}), "train",
+                                                tokenizers[0], cache_dir=tmp_path / "b")
+  np.testing.assert_array_equal(whole.tokens, chunked.tokens)
+  np.testing.assert_array_equal(whole.offsets, chunked.offsets)
+  np.testing.assert_array_equal(whole.words, chunked.words)
+
+
+def test_key_depends_on_tokenizer_split_and_data(tokenizers):
+  source = ListSource({"train": ["a b"], "test": ["a b"]})
+  other = ListSource({"train": ["a b c"], "test": ["a b"]})
+  keys = {token_cache.cache_key(source, "train", tokenizers[0]),
+          token_cache.cache_key(source, "train", tokenizers[1]),
+          token_cache.cache_key(source, "test", tokenizers[0]),
+          token_cache.cache_key(other, "train", tokenizers[0])}
+  assert len(keys) == 4
+  assert token_cache.cache_key(source, "train", tokenizers[0]) == token_cache.cache_key(
+      ListSource({"train": ["a b"]}), "train", tokenizers[0])
+
+
+def test_different_tokenizers_get_different_caches(tokenizers, tmp_path):
+  source = ListSource({"train": random_sentences(20, seed=5)})
+  a = token_cache.load_or_build_tokenized(source, "train", tokenizers[0], cache_dir=tmp_path)
+  b = token_cache.load_or_build_tokenized(source, "train", tokenizers[1], cache_dir=tmp_path)
+  assert len(list(tmp_path.iterdir())) == 2
+  assert a.tokens.tolist() != b.tokens.tolist()
+
+
+def test_failed_build_leaves_no_cache(tokenizers, tmp_path, monkeypatch):
+  monkeypatch.setattr(token_cache, "CHUNK_SENTENCES", 10)
+  source = ListSource({"train": random_sentences(100, seed=6)}, fail_after=55)
+  with pytest.raises(RuntimeError, match="simulated"):
+    token_cache.load_or_build_tokenized(source, "train", tokenizers[0], cache_dir=tmp_path)
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_build_keeps_existing_cache(tokenizers, tmp_path):
+  sentences = random_sentences(30, seed=7)
+  good = token_cache.load_or_build_tokenized(ListSource({"train": sentences}), "train",
+                                             tokenizers[0], cache_dir=tmp_path)
+  (cache,) = tmp_path.iterdir()
+  before = {p.name: p.read_bytes() for p in cache.iterdir()}
+  # Same key (same data => same fingerprint), but this reader fails: the cache is simply reused.
+  failing = ListSource({"train": sentences}, fail_after=3)
+  reused = token_cache.load_or_build_tokenized(failing, "train", tokenizers[0],
+                                               cache_dir=tmp_path)
+  assert failing.reads == 0
+  np.testing.assert_array_equal(reused.tokens, good.tokens)
+  assert {p.name: p.read_bytes() for p in cache.iterdir()} == before
+
+
+def test_incomplete_cache_dir_is_an_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="meta.json"):
+    token_cache.load_cache(tmp_path)
+
+
+def test_token_dtype():
+  assert token_cache.token_dtype(8000) == np.uint16
+  assert token_cache.token_dtype(65536) == np.uint16
+  assert token_cache.token_dtype(65537) == np.uint32
