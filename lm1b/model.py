@@ -1,0 +1,331 @@
+"""Decoder-only Transformer language model with hierarchical or full attention.
+
+Pre-LayerNorm blocks: x + Attention(LN(x)), x + MLP(LN(x)); learned token and
+position embeddings; final LayerNorm; untied output projection by default.
+Parameters are float32 and carry logical axis names ('vocab', 'embed', 'mlp',
+'heads', 'kv', 'length') for `lm1b.partitioning`; activations are computed in
+`ModelConfig.dtype` and logits are returned in float32.
+
+Both attention kinds go through `attention_core`. Packed batches (several
+sentences per row, told apart by `segment_ids`) need attention='full': the
+hierarchical kernel has no segment isolation yet and only uses
+`segment_ids > 0` as a key-padding mask. Callers building packed batches must
+call `check_packing_supported(config, mode)`; the check cannot live inside the
+model because segment values are traced.
+
+Activation sharding constraints (`nn.with_logical_constraint`) take effect
+only inside `nn.logical_axis_rules(...)` with a mesh in context; otherwise
+they are no-ops.
+"""
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+
+from hattention import decode_step, hierarchical_attention, init_cache
+
+ATTENTION_KINDS = ("hierarchical", "full")
+QUERY_MODES = ("sample", "fine", "mean")
+BATCH_MODES = ("sentence", "packed")
+ACTIVATION_AXES = ("batch", "length", "embed")
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyperparameters of `DecoderLM` (hashable, so usable as a jit static arg).
+
+  dtype is the compute dtype name ("bfloat16" or "float32"); parameters are
+  always float32. num_levels=None uses every level of the hierarchy.
+  """
+
+  vocab_size: int = 8000
+  num_layers: int = 6
+  num_heads: int = 8
+  d_model: int = 512
+  d_ff: int = 2048
+  max_len: int = 512
+  dropout_rate: float = 0.1
+  attention: str = "hierarchical"
+  block_size: int = 16
+  query_mode: str = "sample"
+  num_levels: int | None = None
+  dtype: str = "bfloat16"
+  tie_embeddings: bool = False
+
+  def __post_init__(self):
+    for name in ("vocab_size", "num_layers", "num_heads", "d_model", "d_ff",
+                 "max_len", "block_size"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"ModelConfig.{name}={value!r} must be a positive int")
+    if self.d_model % self.num_heads:
+      raise ValueError(f"ModelConfig.d_model={self.d_model} must be divisible "
+                       f"by num_heads={self.num_heads}")
+    if self.attention not in ATTENTION_KINDS:
+      raise ValueError(f"ModelConfig.attention={self.attention!r} must be one "
+                       f"of {ATTENTION_KINDS}")
+    if self.query_mode not in QUERY_MODES:
+      raise ValueError(f"ModelConfig.query_mode={self.query_mode!r} must be "
+                       f"one of {QUERY_MODES}")
+    if not 0.0 <= self.dropout_rate < 1.0:
+      raise ValueError(f"ModelConfig.dropout_rate={self.dropout_rate!r} must "
+                       "be in [0, 1)")
+    try:
+      jnp.dtype(self.dtype)
+    except TypeError as error:
+      raise ValueError(f"ModelConfig.dtype={self.dtype!r} is not a dtype "
+                       "name") from error
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
+
+
+def check_packing_supported(config: ModelConfig, mode: str) -> None:
+  """Raises ValueError unless batches in `mode` can be fed to `config`'s model."""
+  if mode not in BATCH_MODES:
+    raise ValueError(f"mode={mode!r} must be one of {BATCH_MODES}")
+  if mode == "packed" and config.attention != "full":
+    raise ValueError(
+        f"packed batches need attention='full' (got attention="
+        f"{config.attention!r}): hierarchical attention has no segment "
+        "isolation; use mode='sentence'")
+
+
+def attention_core(query, key, value, config: ModelConfig, segment_ids=None):
+  """Causal self-attention of the kind `config.attention`.
+
+  Args:
+    query, key, value: [batch, length, heads, head_dim] in the compute dtype.
+    config: model configuration.
+    segment_ids: optional [batch, length] int32, 0 on padding. Full attention
+      keeps each segment to itself; hierarchical attention only masks keys
+      with segment id 0 (see `check_packing_supported`).
+
+  Returns:
+    [batch, length, heads, head_dim] in query's dtype.
+  """
+  if config.attention == "full":
+    mask = None
+    if segment_ids is not None:
+      mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(query, key, value, mask=mask,
+                                        is_causal=True)
+  key_mask = None if segment_ids is None else segment_ids > 0
+  return hierarchical_attention(
+      query, key, value, block_size=config.block_size, causal=True,
+      query_mode=config.query_mode, key_mask=key_mask,
+      num_levels=config.num_levels)
+
+
+def _zeros_init(names):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+class Projection(nn.Module):
+  """Affine map contracting the trailing `in_shape` dims of x into `out_shape`.
+
+  kernel: [*in_shape, *out_shape] float32 with logical axis `names`
+  (Xavier-uniform over the flattened in/out dims); bias: [*out_shape].
+  x [..., *in_shape] -> [..., *out_shape] in `dtype`. The kernel is created
+  at its full rank so logical sharding constraints apply during init.
+  """
+
+  in_shape: tuple
+  out_shape: tuple
+  names: tuple
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n_in, n_out = len(self.in_shape), len(self.out_shape)
+    init = nn.initializers.variance_scaling(
+        1.0, "fan_avg", "uniform", in_axis=tuple(range(n_in)),
+        out_axis=tuple(range(n_in, n_in + n_out)))
+    kernel = self.param("kernel", nn.with_logical_partitioning(
+        init, self.names), self.in_shape + self.out_shape, jnp.float32)
+    bias = self.param("bias", _zeros_init(self.names[n_in:]), self.out_shape,
+                      jnp.float32)
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), n_in)
+    return y + bias.astype(self.dtype)
+
+
+def _layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(
+      dtype=config.compute_dtype, param_dtype=jnp.float32, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(),
+                                              ("embed",)),
+      bias_init=_zeros_init(("embed",)))
+
+
+class SelfAttention(nn.Module):
+  """Multi-head causal self-attention; in decode mode one position per call."""
+
+  config: ModelConfig
+  decode: bool = False
+
+  def _project(self, x, name):
+    cfg = self.config
+    return Projection((cfg.d_model,), (cfg.num_heads, cfg.head_dim),
+                      ("embed", "heads", "kv"), cfg.compute_dtype,
+                      name=name)(x)
+
+  def _decode_full(self, query, key, value):
+    """One step against a [batch, max_len, heads, head_dim] KV cache."""
+    cfg = self.config
+    batch = query.shape[0]
+    shape = (batch, cfg.max_len, cfg.num_heads, cfg.head_dim)
+    keys = self.variable("cache", "keys", jnp.zeros, shape, cfg.compute_dtype)
+    values = self.variable("cache", "values", jnp.zeros, shape,
+                           cfg.compute_dtype)
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    i = index.value
+    keys.value = jax.lax.dynamic_update_slice(keys.value, key, (0, i, 0, 0))
+    values.value = jax.lax.dynamic_update_slice(values.value, value,
+                                                (0, i, 0, 0))
+    index.value = i + 1
+    mask = (jnp.arange(cfg.max_len) <= i)[None, None, None, :]
+    return jax.nn.dot_product_attention(query, keys.value, values.value,
+                                        mask=mask)
+
+  def _decode_hierarchical(self, query, key, value):
+    """One step through the hattention decoding cache."""
+    cfg = self.config
+    cache = self.variable(
+        "cache", "attn", lambda: init_cache(
+            query.shape[0], cfg.max_len, cfg.num_heads, cfg.head_dim,
+            block_size=cfg.block_size, query_mode=cfg.query_mode,
+            dtype=cfg.compute_dtype, num_levels=cfg.num_levels))
+    out, cache.value = decode_step(cache.value, query, key, value)
+    return out
+
+  @nn.compact
+  def __call__(self, x, segment_ids=None):
+    """x: [batch, length, d_model] -> [batch, length, d_model] (compute dtype)."""
+    cfg = self.config
+    query, key, value = (self._project(x, n) for n in ("query", "key", "value"))
+    if not self.decode:
+      out = attention_core(query, key, value, cfg, segment_ids)
+    elif x.shape[1] != 1:
+      raise ValueError(f"decode mode takes one position per call, got inputs "
+                       f"of length {x.shape[1]}")
+    elif cfg.attention == "full":
+      out = self._decode_full(query, key, value)
+    else:
+      out = self._decode_hierarchical(query, key, value)
+    return Projection((cfg.num_heads, cfg.head_dim), (cfg.d_model,),
+                      ("heads", "kv", "embed"), cfg.compute_dtype,
+                      name="out")(out)
+
+
+class MLP(nn.Module):
+  """Position-wise feed-forward block: Dense(d_ff), GELU, dropout, Dense(d_model)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    cfg = self.config
+    h = Projection((cfg.d_model,), (cfg.d_ff,), ("embed", "mlp"),
+                   cfg.compute_dtype, name="wi")(x)
+    h = nn.gelu(h)
+    h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+    return Projection((cfg.d_ff,), (cfg.d_model,), ("mlp", "embed"),
+                      cfg.compute_dtype, name="wo")(h)
+
+
+class DecoderBlock(nn.Module):
+  """Pre-LayerNorm residual block of attention then MLP."""
+
+  config: ModelConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x, segment_ids, deterministic: bool):
+    cfg = self.config
+    dropout = nn.Dropout(cfg.dropout_rate)
+    h = _layer_norm(cfg, "ln_attention")(x)
+    h = SelfAttention(cfg, self.decode, name="attention")(h, segment_ids)
+    x = x + dropout(h, deterministic=deterministic)
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+    h = _layer_norm(cfg, "ln_mlp")(x)
+    h = MLP(cfg, name="mlp")(h, deterministic)
+    x = x + dropout(h, deterministic=deterministic)
+    return nn.with_logical_constraint(x, ACTIVATION_AXES)
+
+
+class DecoderLM(nn.Module):
+  """Decoder-only language model.
+
+  In decode mode (`decode=True`) each call consumes one position per row,
+  inputs [batch, 1] with `positions` [batch, 1], and advances the attention
+  caches held in the mutable "cache" collection (all rows share one step
+  counter, so rows must be fed in lock step from position 0).
+  """
+
+  config: ModelConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, inputs, *, positions=None, segment_ids=None,
+               deterministic: bool = True):
+    """Next-token logits.
+
+    Args:
+      inputs: [batch, length] int32 token ids.
+      positions: optional [batch, length] int32 (default 0..length-1);
+        required in decode mode.
+      segment_ids: optional [batch, length] int32, 1, 2, ... per sentence and
+        0 on padding.
+      deterministic: disables dropout when True.
+
+    Returns:
+      [batch, length, vocab_size] float32 logits.
+    """
+    cfg = self.config
+    if positions is None:
+      if self.decode:
+        raise ValueError("positions are required in decode mode")
+      positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
+    embed = nn.Embed(
+        cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+        param_dtype=jnp.float32, name="token_embed",
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), ("vocab", "embed")))
+    position_embed = nn.Embed(
+        cfg.max_len, cfg.d_model, dtype=cfg.compute_dtype,
+        param_dtype=jnp.float32, name="position_embed",
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), ("length", "embed")))
+    x = embed(inputs) + position_embed(positions)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+    for layer in range(cfg.num_layers):
+      x = DecoderBlock(cfg, self.decode, name=f"block_{layer}")(
+          x, segment_ids, deterministic)
+    x = _layer_norm(cfg, "ln_final")(x)
+    if cfg.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = Projection((cfg.d_model,), (cfg.vocab_size,),
+                          ("embed", "vocab"), cfg.compute_dtype,
+                          name="output")(x)
+    return logits.astype(jnp.float32)
+
+
+def count_params(config: ModelConfig) -> int:
+  """Number of parameters of `DecoderLM(config)`, from shapes only (no allocation)."""
+  model = DecoderLM(config)
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)
+  leaves = jax.tree_util.tree_leaves(nn.unbox(shapes["params"]))
+  return int(sum(math.prod(leaf.shape) for leaf in leaves))

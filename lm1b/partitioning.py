@@ -1,0 +1,77 @@
+"""Device mesh and logical-to-mesh sharding rules.
+
+Mesh axes: "data" (pure data parallelism), "fsdp" (data parallelism with
+parameters sharded along 'embed'), "tensor" (model parallelism over heads,
+MLP hidden units and vocabulary). Batch rows are split over data x fsdp.
+"""
+
+import math
+
+import flax.linen as nn
+import gin
+import jax
+from jax.sharding import NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("length", None),
+)
+
+
+@gin.configurable
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
+              devices=None) -> jax.sharding.Mesh:
+  """Mesh of shape (data, fsdp, tensor) over all (global) devices.
+
+  At most one size may be -1; it takes the remaining devices. The product
+  must equal the device count.
+  """
+  devices = jax.devices() if devices is None else list(devices)
+  sizes = (data, fsdp, tensor)
+  count = len(devices)
+  if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+    raise ValueError(f"mesh sizes data={data}, fsdp={fsdp}, tensor={tensor} "
+                     "must be positive, with at most one -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if count % known:
+      raise ValueError(f"mesh sizes data={data}, fsdp={fsdp}, tensor={tensor}"
+                       f" do not divide the device count {count}")
+    sizes = tuple(count // known if s == -1 else s for s in sizes)
+  if math.prod(sizes) != count:
+    raise ValueError(f"mesh sizes data={data}, fsdp={fsdp}, tensor={tensor} "
+                     f"multiply to {math.prod(sizes)}, not the device count "
+                     f"{count}")
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """Rows (leading dim) split over ("data", "fsdp"); other dims replicated."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
+  """The same full array on every device."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def state_shardings(mesh: jax.sharding.Mesh, abstract_state):
+  """NamedShardings for a tree whose arrays may be boxed with logical names.
+
+  `abstract_state` is typically `jax.eval_shape` of model/optimizer init,
+  still holding `nn.LogicallyPartitioned` boxes; leaves without names are
+  replicated. The result has the structure of `nn.unbox(abstract_state)`.
+  """
+  specs = nn.get_partition_spec(abstract_state)
+  return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
+
+
+param_shardings = state_shardings
