@@ -1,0 +1,143 @@
+"""Tests for lm1b.optim: schedules, weight-decay mask, gradient accumulation, the loss."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+import optax
+import pytest
+
+from lm1b import optim
+
+
+def test_rsqrt_schedule_values():
+  schedule = optim.make_schedule(learning_rate=2e-3, warmup_steps=100, decay="rsqrt")
+  for step, expected in [(0, 0.0), (50, 1e-3), (100, 2e-3), (400, 1e-3), (10_000, 2e-4)]:
+    np.testing.assert_allclose(float(schedule(step)), expected, rtol=1e-6, atol=1e-12)
+  assert schedule(jnp.int32(7)).dtype == jnp.float32
+
+
+def test_cosine_and_constant_schedule_values():
+  cosine = optim.make_schedule(learning_rate=1.0, warmup_steps=10, decay="cosine",
+                               total_steps=110, final_fraction=0.1)
+  for step, expected in [(5, 0.5), (10, 1.0), (60, 0.55), (110, 0.1), (500, 0.1)]:
+    np.testing.assert_allclose(float(cosine(step)), expected, rtol=1e-5)
+  constant = optim.make_schedule(learning_rate=0.3, warmup_steps=0, decay="constant")
+  assert float(constant(0)) == pytest.approx(0.3) and float(constant(10**6)) == pytest.approx(0.3)
+  jitted = jax.jit(cosine)(jnp.arange(3))
+  np.testing.assert_allclose(np.asarray(jitted), [0.0, 0.1, 0.2], atol=1e-7)
+
+
+def test_schedule_errors():
+  with pytest.raises(ValueError, match="'linear'"):
+    optim.make_schedule(decay="linear")
+  with pytest.raises(ValueError, match="total_steps"):
+    optim.make_schedule(decay="cosine", warmup_steps=10)
+
+
+def test_weight_decay_mask():
+  params = {"embed": {"embedding": jnp.ones((5, 4))},
+            "block": {"dense": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones((4,))},
+                      "norm": {"scale": jnp.ones((4,)), "bias": jnp.ones((4,))},
+                      "odd": {"scale": jnp.ones((2, 4))}},
+            "scalar": jnp.ones(())}
+  mask = optim.weight_decay_mask(params)
+  assert mask == {"embed": {"embedding": True},
+                  "block": {"dense": {"kernel": True, "bias": False},
+                            "norm": {"scale": False, "bias": False},
+                            "odd": {"scale": False}},
+                  "scalar": False}
+  # Flax logically-partitioned (boxed) parameters get a mask of the same boxed structure.
+  boxed = {"kernel": nn.LogicallyPartitioned(jnp.ones((2, 3)), ("embed", "mlp")),
+           "bias": nn.LogicallyPartitioned(jnp.ones((3,)), ("mlp",))}
+  assert nn.unbox(optim.weight_decay_mask(boxed)) == {"kernel": True, "bias": False}
+
+
+def test_weight_decay_applies_only_to_masked_params():
+  params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
+  tx = optim.make_optimizer(0.1, weight_decay=0.5, clip_norm=0.0)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  np.testing.assert_allclose(updates["kernel"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
+  np.testing.assert_allclose(updates["bias"], np.zeros(2), atol=0)
+
+
+def _linear_loss(params, x, y):
+  pred = x @ params["w"] + params["b"]
+  return jnp.mean((pred - y) ** 2)
+
+
+def test_gradient_accumulation_matches_big_batch():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(12, 3)), jnp.float32)
+  y = jnp.asarray(rng.normal(size=(12, 2)), jnp.float32)
+  params = {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32), "b": jnp.zeros((2,))}
+  schedule = optim.make_schedule(learning_rate=0.1, warmup_steps=2, decay="constant")
+  grad = jax.grad(_linear_loss)
+
+  big = optim.make_optimizer(schedule, clip_norm=0.5)
+  big_params, big_state = params, big.init(params)
+  acc = optim.make_optimizer(schedule, clip_norm=0.5, grad_accum_steps=3)
+  acc_params, acc_state = params, acc.init(params)
+  for _ in range(3):  # three optimizer steps
+    updates, big_state = big.update(grad(big_params, x, y), big_state, big_params)
+    big_params = optax.apply_updates(big_params, updates)
+    for micro in range(3):
+      rows = slice(4 * micro, 4 * micro + 4)
+      updates, acc_state = acc.update(grad(acc_params, x[rows], y[rows]), acc_state, acc_params)
+      acc_params = optax.apply_updates(acc_params, updates)
+  assert not np.allclose(big_params["w"], params["w"])
+  for key in params:
+    np.testing.assert_allclose(acc_params[key], big_params[key], rtol=1e-5, atol=1e-6)
+
+
+def _manual_log_softmax(logits):
+  logits = np.asarray(logits, np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def test_cross_entropy_matches_manual_and_ignores_padding():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(2, 5, 7)).astype(np.float32) * 3
+  targets = rng.integers(0, 7, size=(2, 5))
+  weights = np.ones((2, 5), np.float32)
+  weights[1, 3:] = 0.0
+  log_probs = _manual_log_softmax(logits)
+  nll = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+  expected = (nll * weights).sum()
+
+  loss, total, plain = jax.jit(optim.cross_entropy_loss)(logits, targets, weights)
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  np.testing.assert_allclose(float(plain), expected, rtol=1e-5)
+  assert float(total) == 8.0
+  # Changing padded positions changes nothing.
+  changed = logits.copy()
+  changed[1, 3:] = 1e4
+  targets_changed = targets.copy()
+  targets_changed[1, 3:] = 0
+  again = optim.cross_entropy_loss(changed, targets_changed, weights)
+  np.testing.assert_allclose(float(again[0]), expected, rtol=1e-5)
+  assert all(math.isfinite(float(v)) for v in again)
+
+
+def test_label_smoothing():
+  rng = np.random.default_rng(2)
+  vocab, smoothing = 6, 0.2
+  logits = rng.normal(size=(1, 4, vocab)).astype(np.float32)
+  targets = rng.integers(0, vocab, size=(1, 4))
+  weights = np.ones((1, 4), np.float32)
+  q = np.full((1, 4, vocab), smoothing / (vocab - 1))
+  np.put_along_axis(q, targets[..., None], 1 - smoothing, -1)
+  entropy = -(q[0, 0] * np.log(q[0, 0])).sum()
+  expected = (-(q * _manual_log_softmax(logits)).sum(-1) - entropy).sum()
+  loss, _, plain = optim.cross_entropy_loss(logits, targets, weights, label_smoothing=smoothing)
+  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+  nll = -np.take_along_axis(_manual_log_softmax(logits), targets[..., None], -1).sum()
+  np.testing.assert_allclose(float(plain), nll, rtol=1e-5)
+  # The smoothed loss is 0 when the model predicts the smoothed targets exactly.
+  perfect = optim.cross_entropy_loss(np.log(q).astype(np.float32), targets, weights,
+                                     label_smoothing=smoothing)[0]
+  assert abs(float(perfect)) < 1e-5
