@@ -1,0 +1,8 @@
+"""Evaluate a checkpoint: python eval.py --workdir DIR [--step S] [--split test]."""
+
+import sys
+
+from lm1b import cli
+
+if __name__ == "__main__":
+  sys.exit(cli.eval_main())

@@ -1,0 +1,202 @@
+"""Command lines of the top-level train.py, eval.py and sample.py.
+
+Each entry point parses its flags, parses the gin configuration and calls one library function.
+Exit codes: 0 success, 1 training stopped on a non-finite loss or a failed run, 2 bad flags or
+gin configuration (nothing is written to the workdir in that case).
+
+Configuration:
+  train.py   --gin_file (repeatable, default gin/tiny.gin) and --gin_param (repeatable).
+  eval.py    reads WORKDIR/config.gin, the configuration saved when training started, so the
+  sample.py  same model is rebuilt; --gin_param adds or overrides bindings.
+
+Multi-host (e.g. a Cloud TPU pod slice): pass --multihost, or set JAX_COORDINATOR_ADDRESS
+(with JAX_NUM_PROCESSES and JAX_PROCESS_ID), and `jax.distributed.initialize()` is called
+before anything touches a device; on TPU it finds the coordinator from the environment.
+"""
+
+import argparse
+import importlib.util  # noqa: F401  gin needs it to report a missing file properly
+import logging
+import os
+import pathlib
+import sys
+from typing import Callable, Sequence
+
+import gin
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+DEFAULT_GIN_FILE = "gin/tiny.gin"
+CONFIG_FILE = "config.gin"
+EXIT_CONFIG_ERROR = 2
+EXIT_FAILURE = 1
+
+
+class ConfigError(Exception):
+  """A flag or gin configuration problem; the message is one line for stderr."""
+
+
+def resolve_gin_file(name: str) -> str:
+  """Returns `name` if it exists, else the same relative path under the repository root."""
+  path = pathlib.Path(name).expanduser()
+  if path.is_file() or path.is_absolute():
+    return str(path)
+  candidate = REPO_ROOT / path
+  return str(candidate) if candidate.is_file() else str(path)
+
+
+def _one_line(error: BaseException) -> str:
+  """gin's message squeezed onto a line (its location lines joined with ' | ')."""
+  lines = [line.strip() for line in str(error).splitlines()
+           if line.strip() and not line.strip().startswith("In call to configurable")]
+  return " | ".join(lines) or type(error).__name__
+
+
+def parse_gin(files: Sequence[str], params: Sequence[str]) -> None:
+  """Clears gin and parses `files` then `params`; raises ConfigError with gin's message.
+
+  Includes inside gin files are looked up in the working directory, the repository root and
+  its gin/ directory.
+  """
+  import lm1b.train  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  gin.clear_config()
+  for search_path in (str(REPO_ROOT), str(REPO_ROOT / "gin")):
+    gin.add_config_file_search_path(search_path)
+  for name in files:
+    if not os.path.isfile(name):
+      raise ConfigError(f"gin file not found: {name}")
+  try:
+    gin.parse_config_files_and_bindings(list(files), list(params))
+  except (ValueError, SyntaxError, OSError, TypeError, ImportError, KeyError) as error:
+    raise ConfigError(f"gin configuration error: {_one_line(error)}") from error
+
+
+def _common_parser(description: str) -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--workdir", default="./workdir",
+                      help="run directory (config.gin, tokenizer, checkpoints, tensorboard)")
+  parser.add_argument("--gin_param", action="append", default=[],
+                      help="gin binding such as 'ModelConfig.num_layers = 4' (repeatable)")
+  parser.add_argument("--multihost", action="store_true",
+                      help="call jax.distributed.initialize() (multi-host TPU/GPU)")
+  parser.add_argument("--log_level", default="INFO", help="Python logging level")
+  parser.add_argument("--compilation_cache", default=None,
+                      help="persistent XLA compilation cache directory (default: "
+                           "<data root>/jax_cache; 'none' disables it)")
+  return parser
+
+
+def enable_compilation_cache(directory: str | None) -> None:
+  """Keeps compiled XLA programs in `directory` so reruns (resume, eval, sample) start fast.
+
+  None means <data root>/jax_cache (see lm1b.paths); "none" or "" disables the cache.
+  JAX_COMPILATION_CACHE_DIR in the environment takes precedence.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  from lm1b import paths  # pylint: disable=import-outside-toplevel
+  if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  if directory is None:
+    directory = str(paths.data_root() / "jax_cache")
+  if directory.lower() in ("", "none"):
+    return
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def _setup(args: argparse.Namespace) -> None:
+  logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  for noisy in ("absl", "jax._src", "orbax"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
+  if args.multihost or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.distributed.initialize()
+  enable_compilation_cache(args.compilation_cache)
+
+
+def _workdir_config(workdir: str) -> str:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise ConfigError(f"{path} not found: is --workdir a training run directory?")
+  return path
+
+
+def _run(function: Callable[[], object]) -> int:
+  """Calls `function`, turning the project's expected failures into exit codes."""
+  from lm1b import train  # pylint: disable=import-outside-toplevel
+  try:
+    function()
+  except ConfigError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return EXIT_CONFIG_ERROR
+  except (train.NonFiniteLossError, FileNotFoundError, ValueError) as error:
+    logging.debug("failure", exc_info=True)
+    print(f"error: {_one_line(error)}", file=sys.stderr)
+    return EXIT_FAILURE
+  return 0
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+  """`python train.py [--gin_file F]... [--gin_param P]... [--workdir DIR]`."""
+  parser = _common_parser("Train a language model on LM1B (or the embedded corpus).")
+  parser.add_argument("--gin_file", action="append", default=None,
+                      help=f"gin config file (repeatable; default {DEFAULT_GIN_FILE})")
+  args = parser.parse_args(argv)
+  files = [resolve_gin_file(f) for f in (args.gin_file or [DEFAULT_GIN_FILE])]
+
+  def run():
+    parse_gin(files, args.gin_param)
+    _setup(args)
+    from lm1b import train  # pylint: disable=import-outside-toplevel
+    train.train_and_evaluate(args.workdir)
+
+  return _run(run)
+
+
+def eval_main(argv: Sequence[str] | None = None) -> int:
+  """`python eval.py --workdir DIR [--step S] [--split test] [--gin_param P]...`."""
+  parser = _common_parser("Score a split with a trained checkpoint (whole split).")
+  parser.add_argument("--step", type=int, default=None,
+                      help="checkpoint step (default: latest readable)")
+  parser.add_argument("--split", default="test", choices=("test", "train"))
+  args = parser.parse_args(argv)
+
+  def run():
+    parse_gin([_workdir_config(args.workdir)], args.gin_param)
+    _setup(args)
+    from lm1b import evaluate  # pylint: disable=import-outside-toplevel
+    evaluate.evaluate_workdir(args.workdir, step=args.step, split=args.split)
+
+  return _run(run)
+
+
+def sample_main(argv: Sequence[str] | None = None) -> int:
+  """`python sample.py --workdir DIR --prompt TEXT [--prompt ...] [--num_samples N] ...`."""
+  parser = _common_parser("Generate text from a trained checkpoint.")
+  parser.add_argument("--prompt", action="append", default=None,
+                      help="prompt text (repeatable; default 'the')")
+  parser.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
+  parser.add_argument("--max_length", type=int, default=64, help="tokens to generate")
+  parser.add_argument("--temperature", type=float, default=1.0)
+  parser.add_argument("--top_k", type=int, default=0, help="0 disables top-k")
+  parser.add_argument("--top_p", type=float, default=1.0, help="1.0 disables nucleus")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--step", type=int, default=None,
+                      help="checkpoint step (default: latest readable)")
+  args = parser.parse_args(argv)
+
+  def run():
+    parse_gin([_workdir_config(args.workdir)], args.gin_param)
+    _setup(args)
+    from lm1b import evaluate, sampling  # pylint: disable=import-outside-toplevel
+    loaded = evaluate.load_workdir(args.workdir, args.step)
+    prompts = args.prompt or ["the"]
+    texts = sampling.sample_text(
+        loaded.model_config, loaded.params, loaded.inputs.tokenizer, prompts, seed=args.seed,
+        num_samples=args.num_samples, max_length=args.max_length,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    print(f"# step {loaded.step}, seed {args.seed}", flush=True)
+    for index, text in enumerate(texts):
+      print(f"[{prompts[index // args.num_samples]}] {text}", flush=True)
+
+  return _run(run)

@@ -1,0 +1,157 @@
+"""Tests of lm1b/cli.py and the top-level scripts: train -> eval -> sample, gin errors, exit
+codes, TensorBoard files, corrupt-checkpoint fallback, and the shipped gin configs."""
+
+import json
+import logging
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+from tensorboard.backend.event_processing import event_accumulator
+
+from lm1b import checkpoints, cli, model
+from test_train import REPO, gin_flags, micro, micro_params, subprocess_env  # noqa: F401
+
+NUM_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def trained(micro, tmp_path_factory):  # pylint: disable=redefined-outer-name
+  """A workdir trained through cli.train_main: checkpoints at steps 2 and 4."""
+  corpus_dir, _ = micro
+  workdir = tmp_path_factory.mktemp("run") / "workdir"
+  params = micro_params(corpus_dir, num_steps=NUM_STEPS, eval_every=2, sample_every=2,
+                        checkpoint_every=2)
+  assert cli.train_main(["--workdir", str(workdir), *gin_flags(params)]) == 0
+  return workdir
+
+
+def test_train_writes_the_workdir_layout(trained):
+  assert (trained / "config.gin").is_file() and (trained / "tokenizer.model").is_file()
+  assert "ModelConfig.d_model = 32" in (trained / "config.gin").read_text()
+  assert checkpoints.Checkpointer(trained / "checkpoints").all_steps() == [2, NUM_STEPS]
+  result = json.loads((trained / f"eval_test_{NUM_STEPS}.json").read_text())
+  assert result["step"] == NUM_STEPS and result["sentences"] == 50
+  assert result["per_word_perplexity"] > result["per_token_perplexity"] > 1.0
+  assert result["words"] < result["tokens"]
+
+
+def test_tensorboard_files_are_readable(trained):
+  accumulator = event_accumulator.EventAccumulator(
+      str(trained / "tensorboard"), size_guidance={event_accumulator.TENSORS: 0})
+  accumulator.Reload()
+  scalars = accumulator.Tags()["scalars"]
+  for tag in ("train/loss", "train/per_token_perplexity", "train/learning_rate",
+              "train/grad_norm", "train/tokens_per_sec", "train/step_time_sec", "train/mfu",
+              "eval/loss", "eval/per_token_perplexity", "eval/per_word_perplexity"):
+    assert tag in scalars, tag
+  assert [e.step for e in accumulator.Scalars("train/loss")] == list(range(1, NUM_STEPS + 1))
+  assert [e.step for e in accumulator.Scalars("eval/loss")] == [2, NUM_STEPS]
+  assert "samples" in accumulator.Tags()["tensors"], accumulator.Tags()
+  samples = accumulator.Tensors("samples")
+  assert [e.step for e in samples] == [2, NUM_STEPS]
+  assert samples[0].tensor_proto.string_val[0].decode().startswith("the")
+
+
+def test_eval_scores_the_whole_split_again(trained, capsys):
+  final = json.loads((trained / f"eval_test_{NUM_STEPS}.json").read_text())
+  (trained / f"eval_test_{NUM_STEPS}.json").unlink()
+  assert cli.eval_main(["--workdir", str(trained)]) == 0
+  again = json.loads((trained / f"eval_test_{NUM_STEPS}.json").read_text())
+  assert again["tokens"] == final["tokens"] and again["words"] == final["words"]
+  assert again["loss"] == pytest.approx(final["loss"], rel=1e-6)
+  assert "per-token perplexity" in capsys.readouterr().out
+  assert cli.eval_main(["--workdir", str(trained), "--step", "2"]) == 0
+  older = json.loads((trained / "eval_test_2.json").read_text())
+  assert older["step"] == 2 and older["loss"] > again["loss"]
+
+
+def test_sample_is_batched_and_deterministic_per_seed(trained, capsys):
+  argv = ["--workdir", str(trained), "--prompt", "the", "--prompt", "If", "--num_samples", "2",
+          "--max_length", "12", "--seed", "3", "--top_k", "20", "--top_p", "0.9"]
+  assert cli.sample_main(argv) == 0
+  first = capsys.readouterr().out.splitlines()
+  assert cli.sample_main(argv) == 0
+  assert capsys.readouterr().out.splitlines() == first
+  samples = [line for line in first if not line.startswith("#")]
+  assert len(samples) == 4
+  assert [s.split("]")[0] for s in samples] == ["[the", "[the", "[If", "[If"]
+
+
+@pytest.mark.parametrize("binding, message", [
+    ("ModelConfig.num_layer = 2", "num_layer"),
+    ("NoSuchThing.value = 1", "NoSuchThing"),
+    ("ModelConfig.num_layers = ", "parse"),
+])
+def test_gin_errors_exit_2_and_write_nothing(tmp_path, capsys, binding, message):
+  workdir = tmp_path / "workdir"
+  assert cli.train_main(["--workdir", str(workdir), "--gin_param", binding]) == 2
+  error = capsys.readouterr().err
+  assert message in error and len(error.strip().splitlines()) == 1
+  assert not workdir.exists()
+
+
+def test_missing_gin_file_and_workdir_errors(tmp_path, capsys):
+  assert cli.train_main(["--workdir", str(tmp_path / "w"), "--gin_file", "nope.gin"]) == 2
+  assert "nope.gin" in capsys.readouterr().err
+  assert not (tmp_path / "w").exists()
+  assert cli.eval_main(["--workdir", str(tmp_path)]) == 2
+  assert "config.gin" in capsys.readouterr().err
+
+
+def test_different_model_in_an_existing_workdir_is_refused(micro, trained, capsys):
+  before = (trained / "config.gin").read_text()
+  params = micro_params(micro[0], num_steps=NUM_STEPS, eval_every=2, sample_every=2,
+                        checkpoint_every=2)
+  argv = ["--workdir", str(trained), *gin_flags(params + ["ModelConfig.d_model = 48"])]
+  assert cli.train_main(argv) == 1
+  assert re.search(r"config\.gin .*ModelConfig\.d_model", capsys.readouterr().err)
+  assert (trained / "config.gin").read_text() == before
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(trained, tmp_path, caplog):
+  workdir = tmp_path / "copy"
+  shutil.copytree(trained, workdir)
+  latest = workdir / "checkpoints" / str(NUM_STEPS)
+  for path in latest.rglob("*"):
+    if path.is_file() and path.stat().st_size > 0:
+      with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+  with caplog.at_level(logging.ERROR):
+    assert cli.eval_main(["--workdir", str(workdir)]) == 0
+  assert str(latest) in caplog.text
+  assert json.loads((workdir / "eval_test_2.json").read_text())["step"] == 2
+  assert not (workdir / f"eval_test_{NUM_STEPS}.json").exists() or (
+      workdir / f"eval_test_{NUM_STEPS}.json").read_bytes() == (
+          trained / f"eval_test_{NUM_STEPS}.json").read_bytes()
+
+
+def test_nan_loss_exits_1_naming_the_step_and_keeps_good_checkpoints(micro, tmp_path):
+  corpus_dir, data_root = micro
+  params = micro_params(corpus_dir, num_steps=20, checkpoint_every=1) + [
+      "make_schedule.learning_rate = 1e30", "make_schedule.warmup_steps = 0"]
+  command = [sys.executable, "train.py", "--workdir", str(tmp_path), *gin_flags(params)]
+  run = subprocess.run(command, cwd=REPO, env=subprocess_env(data_root), text=True,
+                       capture_output=True, timeout=300, check=False)
+  assert run.returncode == 1, run.stdout + run.stderr
+  match = re.search(r"non-finite training loss .* at step (\d+)", run.stderr)
+  assert match, run.stderr
+  bad_step = int(match.group(1))
+  steps = checkpoints.Checkpointer(tmp_path / "checkpoints").all_steps()
+  assert steps and max(steps) < bad_step
+
+
+@pytest.mark.parametrize("name, attention, target", [
+    ("lm1b_53m.gin", "hierarchical", 53e6), ("lm1b_53m_full.gin", "full", 53e6),
+    ("lm1b_144m.gin", "hierarchical", 144e6), ("lm1b_144m_full.gin", "full", 144e6),
+    ("tiny.gin", "hierarchical", None)])
+def test_shipped_gin_configs(name, attention, target):
+  cli.parse_gin([cli.resolve_gin_file(f"gin/{name}")], [])
+  config = model.ModelConfig()
+  assert config.attention == attention
+  if target is not None:
+    assert config.block_size == 16 and config.num_layers == 6
+    assert abs(model.count_params(config) - target) <= 0.02 * target
