@@ -1,18 +1,21 @@
-# Training image for Cloud TPU VMs (default) or NVIDIA GPUs (--build-arg ACCELERATOR=cuda12).
-#   docker build -t hlm1b .                                  # TPU
-#   docker build -t hlm1b-gpu --build-arg ACCELERATOR=cuda12 .  # GPU
-# On a TPU VM run with --privileged --net=host so JAX sees the TPU chips and the other hosts.
+# Training image for Cloud TPU VMs (default) or NVIDIA GPUs.
+#   docker build -t hlm1b .                                       # TPU, embedded/tarball/text data
+#   docker build -t hlm1b --build-arg WITH_TFDS=1 .               # TPU + the TFDS lm1b source
+#   docker build -t hlm1b-gpu --build-arg ACCELERATOR=cuda12 .    # NVIDIA GPU
+# On a TPU VM run with --privileged --net=host so JAX sees the chips and the other hosts.
 FROM python:3.11-slim
 
 ARG ACCELERATOR=tpu
+ARG WITH_TFDS=0
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     HLM1B_DATA_ROOT=/data
 
 WORKDIR /app
-COPY requirements.txt pyproject.toml ./
+COPY requirements.txt requirements-tfds.txt pyproject.toml ./
 RUN python -m pip install --upgrade pip \
- && pip install -r requirements.txt "jax[${ACCELERATOR}]==0.10.2"
+ && pip install -r requirements.txt "jax[${ACCELERATOR}]==0.10.2" \
+ && if [ "${WITH_TFDS}" = "1" ]; then pip install -r requirements-tfds.txt; fi
 
 COPY hattention ./hattention
 COPY lm1b ./lm1b

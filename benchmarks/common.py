@@ -1,0 +1,58 @@
+"""Shared helpers of the benchmark scripts: timing, machine description, tables."""
+
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def time_call(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> float:
+  """Median wall seconds of `fn()` (its outputs are blocked on), after warm-up calls."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def machine_description() -> str:
+  """One line: devices, CPU count, platform, jax version, date."""
+  devices = jax.devices()
+  kind = devices[0].device_kind
+  return (f"{len(devices)} x {kind} ({jax.default_backend()}), {os.cpu_count()} CPU cores, "
+          f"{platform.platform()}, Python {platform.python_version()}, jax {jax.__version__}, "
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
+
+
+def command_line() -> str:
+  """The command that ran this script, for the results file."""
+  script = os.path.relpath(sys.argv[0], os.path.dirname(os.path.dirname(RESULTS_DIR)))
+  module = script.removesuffix(".py").replace(os.sep, ".")
+  return " ".join(["python -m", module] + sys.argv[1:])
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+  """A GitHub markdown table; floats printed as given by the caller."""
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def write_report(path: str, title: str, sections: Sequence[str]) -> None:
+  """Writes `# title`, the machine, the command and the sections to `path`."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  header = [f"# {title}", "", f"Machine: {machine_description()}", "",
+            f"Command: `{command_line()}`", ""]
+  with open(path, "w", encoding="utf-8") as handle:
+    handle.write("\n".join(header + list(sections)) + "\n")
+  print(f"wrote {path}")
