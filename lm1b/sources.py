@@ -4,8 +4,9 @@ Every source yields clean sentences (str) for the splits "train" and "test". Fil
 share `clean_lines`: bytes are decoded as UTF-8 with errors="replace" (lines with a replacement
 character are counted), lines are stripped, empty lines skipped, and lines longer than
 MAX_LINE_CHARS characters split at whitespace (hard-split when a piece has none) into several
-sentences; each file's counts are logged. Reading is streamed, so huge files or a 1 MB line are
-fine. TensorFlow is imported only inside TfdsSource's methods.
+sentences; each file's counts are logged (DEBUG, or WARNING when anything was cleaned).
+Reading is streamed, so huge files or a 1 MB line are fine. TensorFlow is imported only inside
+TfdsSource's methods.
 """
 
 import abc
@@ -43,7 +44,8 @@ class LineStats:
   def log(self, label: str) -> None:
     message = ("%s: %d lines -> %d sentences; %d empty skipped, %d with invalid UTF-8 replaced, "
                "%d longer than %d chars split")
-    level = logging.WARNING if (self.empty or self.replaced or self.split) else logging.INFO
+    # Clean files at DEBUG (LM1B has 150 of them); anything cleaned up is a WARNING.
+    level = logging.WARNING if (self.empty or self.replaced or self.split) else logging.DEBUG
     logging.log(level, message, label, self.lines, self.sentences, self.empty, self.replaced,
                 self.split, MAX_LINE_CHARS)
 
