@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint: python eval.py --workdir DIR [--step S] [--split test]."""
+"""Evaluate a checkpoint: python eval.py --workdir DIR [--step S] [--split test] [--output F]."""
 
 import sys
 

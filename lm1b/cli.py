@@ -103,15 +103,46 @@ def enable_compilation_cache(directory: str | None) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def configure_logging(level: str) -> None:
+  """Root logger at `level`, one stderr handler with timestamps.
+
+  absl's first log call (orbax logs at import) already ran logging.basicConfig(), which made
+  our basicConfig a no-op: plain stderr StreamHandlers are replaced, other handlers (pytest's
+  log capture) are kept.
+  """
+  root = logging.getLogger()
+  for handler in list(root.handlers):
+    if type(handler) is logging.StreamHandler:  # pylint: disable=unidiomatic-typecheck
+      root.removeHandler(handler)
+  handler = logging.StreamHandler()
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+  root.addHandler(handler)
+  root.setLevel(getattr(logging, str(level).upper(), logging.INFO))
+
+
 def _setup(args: argparse.Namespace) -> None:
-  logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                      format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  configure_logging(args.log_level)
   for noisy in ("absl", "jax._src", "orbax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
   if args.multihost or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    import jax  # pylint: disable=import-outside-toplevel
-    jax.distributed.initialize()
+    init_distributed()
   enable_compilation_cache(args.compilation_cache)
+
+
+def init_distributed() -> None:
+  """`jax.distributed.initialize`, before anything touches a device.
+
+  JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID are
+  passed on when set (e.g. several CPU processes on one machine); unset values are left to
+  jax's cluster auto-detection (Cloud TPU, SLURM, ...). CPU collectives use gloo.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  env = os.environ
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+      coordinator_address=env.get("JAX_COORDINATOR_ADDRESS") or None,
+      num_processes=int(env["JAX_NUM_PROCESSES"]) if env.get("JAX_NUM_PROCESSES") else None,
+      process_id=int(env["JAX_PROCESS_ID"]) if env.get("JAX_PROCESS_ID") else None)
 
 
 def _workdir_config(workdir: str) -> str:
@@ -119,6 +150,17 @@ def _workdir_config(workdir: str) -> str:
   if not os.path.isfile(path):
     raise ConfigError(f"{path} not found: is --workdir a training run directory?")
   return path
+
+
+def _check_output_dir(path: str | None) -> None:
+  """Raises ConfigError unless `path` is None or names a file in an existing directory."""
+  if path is None:
+    return
+  directory = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(directory):
+    raise ConfigError(f"--output {path}: directory {directory} does not exist")
+  if os.path.isdir(path):
+    raise ConfigError(f"--output {path} is a directory, not a file path")
 
 
 def _run(function: Callable[[], object]) -> int:
@@ -154,18 +196,23 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
-  """`python eval.py --workdir DIR [--step S] [--split test] [--gin_param P]...`."""
+  """`python eval.py --workdir DIR [--step S] [--split test] [--output F] [--gin_param P]...`."""
   parser = _common_parser("Score a split with a trained checkpoint (whole split).")
   parser.add_argument("--step", type=int, default=None,
                       help="checkpoint step (default: latest readable)")
   parser.add_argument("--split", default="test", choices=("test", "train"))
+  parser.add_argument("--output", default=None,
+                      help="result JSON path (default WORKDIR/eval_<split>_<step>.json); its "
+                           "directory must exist")
   args = parser.parse_args(argv)
 
   def run():
+    _check_output_dir(args.output)
     parse_gin([_workdir_config(args.workdir)], args.gin_param)
     _setup(args)
     from lm1b import evaluate  # pylint: disable=import-outside-toplevel
-    evaluate.evaluate_workdir(args.workdir, step=args.step, split=args.split)
+    evaluate.evaluate_workdir(args.workdir, step=args.step, split=args.split,
+                              output=args.output)
 
   return _run(run)
 
@@ -176,11 +223,13 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--prompt", action="append", default=None,
                       help="prompt text (repeatable; default 'the')")
   parser.add_argument("--num_samples", type=int, default=1, help="samples per prompt")
-  parser.add_argument("--max_length", type=int, default=64, help="tokens to generate")
-  parser.add_argument("--temperature", type=float, default=1.0)
+  parser.add_argument("--max_length", type=int, default=None,
+                      help="tokens per sample, BOS and prompt included (default and maximum: "
+                           "the model's max_len)")
+  parser.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
   parser.add_argument("--top_k", type=int, default=0, help="0 disables top-k")
   parser.add_argument("--top_p", type=float, default=1.0, help="1.0 disables nucleus")
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
   parser.add_argument("--step", type=int, default=None,
                       help="checkpoint step (default: latest readable)")
   args = parser.parse_args(argv)
@@ -193,7 +242,7 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
     prompts = args.prompt or ["the"]
     texts = sampling.sample_text(
         loaded.model_config, loaded.params, loaded.inputs.tokenizer, prompts, seed=args.seed,
-        num_samples=args.num_samples, max_length=args.max_length,
+        num_samples=args.num_samples, max_length=args.max_length or loaded.model_config.max_len,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     print(f"# step {loaded.step}, seed {args.seed}", flush=True)
     for index, text in enumerate(texts):

@@ -11,7 +11,8 @@ the host in float64:
   per_word_perplexity  = exp(total NLL / words)
 
 `evaluate_workdir` (python eval.py) restores a checkpoint of a training workdir, scores a
-split and writes workdir/eval_<split>_<step>.json. `load_workdir` is shared with sample.py.
+split and writes workdir/eval_<split>_<step>.json (or another path). `load_workdir` is shared
+with sample.py.
 """
 
 import dataclasses
@@ -51,12 +52,16 @@ def write_text_atomic(path: str, text: str) -> None:
     raise
 
 
-def write_json(workdir: str, name: str, data: dict) -> str:
-  """Writes workdir/name as indented JSON (process 0 only); returns the path."""
-  path = os.path.join(workdir, name)
+def write_json(path: str, data: dict) -> str:
+  """Writes `data` to `path` as indented JSON, atomically (process 0 only); returns path."""
   if jax.process_index() == 0:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
   return path
+
+
+def eval_json_path(workdir: str, split: str, step: int) -> str:
+  """The default result file of an evaluation: workdir/eval_<split>_<step>.json."""
+  return os.path.join(workdir, f"eval_{split}_{step}.json")
 
 
 class Evaluator:
@@ -132,12 +137,12 @@ def load_workdir(workdir: str, step: int | None = None) -> Loaded:
   gin must already hold the workdir's config.gin (lm1b.cli does that). A corrupt latest
   checkpoint is reported (naming its directory) and the previous one is used.
   """
-  from lm1b import checkpoints, input_pipeline, train  # pylint: disable=import-outside-toplevel
+  from lm1b import checkpoints, train  # pylint: disable=import-outside-toplevel
   tokenizer_path = os.path.join(workdir, "tokenizer.model")
   if not os.path.isfile(tokenizer_path):
     raise FileNotFoundError(f"{tokenizer_path} not found: is {workdir} a training workdir?")
   mesh = partitioning.make_mesh()
-  inputs = input_pipeline.build_inputs(workdir)
+  inputs = train.build_process_inputs(workdir, mesh)
   model_config = train.build_model_config(inputs.tokenizer.vocab_size, inputs.seq_len)
   # The optimizer only fixes the structure of the saved state; the schedule does not matter.
   num_steps = gin.get_bindings(train.train_and_evaluate).get("num_steps", 1 << 30)
@@ -157,17 +162,22 @@ def load_workdir(workdir: str, step: int | None = None) -> Loaded:
   return Loaded(model_config, restored.state.params, restored.step, inputs, spec)
 
 
-def evaluate_workdir(workdir: str, *, step: int | None = None, split: str = "test") -> dict:
-  """Scores the whole `split` with a workdir's checkpoint; prints and writes the JSON."""
+def evaluate_workdir(workdir: str, *, step: int | None = None, split: str = "test",
+                     output: str | None = None) -> dict:
+  """Scores the whole `split` with a workdir's checkpoint; prints and writes the JSON.
+
+  The JSON goes to `output`, by default workdir/eval_<split>_<step>.json (see eval_json_path).
+  """
   from lm1b import train  # pylint: disable=import-outside-toplevel
   say = train.say
   loaded = load_workdir(workdir, step)
   inputs = loaded.inputs
+  mesh = loaded.spec.mesh
   result = evaluate_split(
-      loaded.model_config, loaded.params, train.eval_batches(inputs, split), mesh=loaded.spec.mesh,
+      loaded.model_config, loaded.params, train.eval_batches(inputs, split, mesh), mesh=mesh,
       param_shardings=loaded.spec.shardings.params, step=loaded.step)
   result["split"] = split
-  path = write_json(workdir, f"eval_{split}_{loaded.step}.json", result)
+  path = write_json(output or eval_json_path(workdir, split, loaded.step), result)
   say(json.dumps(result, sort_keys=True))
   say(f"{split} split at step {loaded.step}: {result['sentences']} sentences, "
       f"{result['tokens']} tokens, per-token perplexity {result['per_token_perplexity']:.3f}, "

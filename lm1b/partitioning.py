@@ -2,10 +2,14 @@
 
 Mesh axes: "data" (pure data parallelism), "fsdp" (data parallelism with
 parameters sharded along 'embed'), "tensor" (model parallelism over heads,
-MLP hidden units and vocabulary). Batch rows are split over data x fsdp.
+MLP hidden units and vocabulary). Batch rows are split over data x fsdp;
+`batch_shard` says which rows each process feeds.
 """
 
 import math
+from typing import Any
+
+import numpy as np
 
 import flax.linen as nn
 import gin
@@ -56,6 +60,41 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
   """Rows (leading dim) split over ("data", "fsdp"); other dims replicated."""
   return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def batch_shard(mesh: jax.sharding.Mesh) -> tuple[int, int]:
+  """(index, count): this process feeds rows block `index` of `count` of every batch.
+
+  See `batch_shard_of`; this is it for the mesh's devices and jax.process_index().
+  """
+  return batch_shard_of(mesh.devices, jax.process_index())
+
+
+def batch_shard_of(devices: Any, process_index: int) -> tuple[int, int]:
+  """Which rows of a batch sharded by `batch_sharding` a process must feed.
+
+  devices: [data, fsdp, tensor] array of devices (anything with .process_index). The rows
+  are cut into data * fsdp blocks; block d * fsdp + f lives on devices[d, f, :]. Processes
+  holding the same blocks (a tensor axis across processes) feed the same rows; the `count`
+  distinct block sets, ordered by first block, are numbered 0..count-1. Process p then feeds
+  rows [index * B / count, (index + 1) * B / count) of a B-row batch, which is what
+  lm1b.batches builds with process_index=index, process_count=count, and
+  jax.make_array_from_process_local_data places on p's blocks (a row permutation of the
+  logical batch when those blocks are not contiguous).
+
+  Raises ValueError when two processes' block sets overlap without being equal.
+  """
+  devices = np.asarray(devices)
+  blocks = devices.reshape(devices.shape[0] * devices.shape[1], -1)
+  held: dict[int, set[int]] = {}
+  for block, row in enumerate(blocks):
+    for device in row:
+      held.setdefault(device.process_index, set()).add(block)
+  distinct = sorted({frozenset(b) for b in held.values()}, key=min)
+  if sum(len(b) for b in distinct) != len(blocks):
+    raise ValueError(f"the mesh gives processes overlapping but different batch blocks: "
+                     f"{ {p: sorted(b) for p, b in sorted(held.items())} }")
+  return distinct.index(frozenset(held[process_index])), len(distinct)
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:

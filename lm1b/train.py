@@ -16,6 +16,10 @@ batches of `lm1b.input_pipeline.build_inputs`, on the mesh of `lm1b.partitioning
 * SIGTERM/SIGINT: the current step finishes, a checkpoint is saved, the function returns;
 * a non-finite loss or parameters raise NonFiniteLossError naming the step; the NaN state is
   never saved and earlier checkpoints stay as they were;
+* with several processes (jax.distributed), each feeds only its rows of every global batch
+  (lm1b.partitioning.batch_shard, assembled with jax.make_array_from_process_local_data),
+  process 0 trains the tokenizer before the others load it, and only process 0 prints and
+  writes TensorBoard summaries, config.gin and eval JSON (Orbax coordinates checkpoints);
 * at the end: a final checkpoint, the whole test split evaluated into
   workdir/eval_test_<step>.json, and that perplexity printed next to the corpus's unigram
   perplexity.
@@ -23,6 +27,7 @@ batches of `lm1b.input_pipeline.build_inputs`, on the mesh of `lm1b.partitioning
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -162,11 +167,29 @@ def batch_mode() -> str:
   return gin.get_bindings(input_pipeline.build_inputs).get("mode", "sentence")
 
 
-def eval_batches(inputs: input_pipeline.Inputs, split: str) -> Iterator[dict]:
+def build_process_inputs(workdir: str, mesh: jax.sharding.Mesh) -> input_pipeline.Inputs:
+  """The gin-configured inputs, with this process's rows (see partitioning.batch_shard).
+
+  With several processes, process 0 goes first: it trains the tokenizer into the (shared)
+  workdir and fills the token cache, which the others then load, so all use one tokenizer.
+  """
+  index, count = partitioning.batch_shard(mesh)
+  build = functools.partial(input_pipeline.build_inputs, workdir, process_index=index,
+                            process_count=count)
+  if jax.process_count() == 1:
+    return build()
+  inputs = build() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("lm1b: tokenizer and token cache ready")
+  return inputs if inputs is not None else build()
+
+
+def eval_batches(inputs: input_pipeline.Inputs, split: str,
+                 mesh: jax.sharding.Mesh) -> Iterator[dict]:
   """This process's rows of the eval batches covering the whole `split`."""
+  index, count = partitioning.batch_shard(mesh)
   return batches_lib.eval_batches(
       inputs.eval_split(split), global_batch=inputs.eval_global_batch, seq_len=inputs.seq_len,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=index, process_count=count)
 
 
 def build_model_config(vocab_size: int, seq_len: int) -> model_lib.ModelConfig:
@@ -445,7 +468,8 @@ class Trainer:
     """Evaluates the test split (at most max_batches batches); writes and prints it."""
     self.drain()
     with self._untimed():
-      result = self.evaluator.run(self.state.params, eval_batches(self.inputs, "test"),
+      result = self.evaluator.run(self.state.params,
+                                  eval_batches(self.inputs, "test", self.spec.mesh),
                                   max_batches=max_batches, step=self.step)
     self.writer.scalars(self.step, {
         "eval/loss": result["loss"], "eval/per_token_perplexity": result["per_token_perplexity"],
@@ -548,7 +572,7 @@ def train_and_evaluate(workdir: str, *, num_steps: int = gin.REQUIRED, log_every
   mesh = partitioning.make_mesh()
   say(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
       f"device(s), {jax.process_count()} process(es)")
-  inputs = input_pipeline.build_inputs(workdir)
+  inputs = build_process_inputs(workdir, mesh)
   model_config = build_model_config(inputs.tokenizer.vocab_size, inputs.seq_len)
   say(f"model: {model_lib.count_params(model_config):,} parameters "
       f"({model_config.num_layers} layers, d_model {model_config.d_model}, "
@@ -576,7 +600,8 @@ def train_and_evaluate(workdir: str, *, num_steps: int = gin.REQUIRED, log_every
       return result
     trainer.save(force=True)
     result.final_eval = trainer.evaluate(None)
-    evaluate.write_json(workdir, f"eval_test_{trainer.step}.json", result.final_eval)
+    evaluate.write_json(evaluate.eval_json_path(workdir, "test", trainer.step),
+                        result.final_eval)
     result.unigram_perplexity = unigram_test_perplexity(
         inputs.eval_split("train"), inputs.eval_split("test"), model_config.vocab_size)
     say(f"final test per-token perplexity {result.final_eval['per_token_perplexity']:.2f} "

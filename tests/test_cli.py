@@ -69,6 +69,32 @@ def test_eval_scores_the_whole_split_again(trained, capsys):
   assert older["step"] == 2 and older["loss"] > again["loss"]
 
 
+@pytest.mark.filterwarnings("ignore:hierarchical_attention.*query_mode='mean'")
+def test_eval_gin_param_overrides_the_saved_config_into_output(trained, tmp_path, capsys):
+  default = trained / f"eval_test_{NUM_STEPS}.json"
+  before = default.read_bytes()
+  config_before = (trained / "config.gin").read_text()
+  assert "ModelConfig.query_mode = 'sample'" in config_before
+  out = tmp_path / "mean_queries.json"
+  argv = ["--workdir", str(trained), "--output", str(out),
+          "--gin_param", "ModelConfig.query_mode = 'mean'"]
+  assert cli.eval_main(argv) == 0
+  assert str(out) in capsys.readouterr().out
+  overridden, own = json.loads(out.read_text()), json.loads(before)
+  assert overridden["step"] == own["step"] and overridden["tokens"] == own["tokens"]
+  assert abs(overridden["loss"] - own["loss"]) > 1e-4  # other queries, other scores
+  assert default.read_bytes() == before
+  assert (trained / "config.gin").read_text() == config_before
+
+
+def test_eval_output_in_a_missing_directory_exits_2(trained, tmp_path, capsys):
+  out = tmp_path / "missing" / "result.json"
+  assert cli.eval_main(["--workdir", str(trained), "--output", str(out)]) == 2
+  error = capsys.readouterr().err
+  assert "does not exist" in error and len(error.strip().splitlines()) == 1
+  assert not out.parent.exists()
+
+
 def test_sample_is_batched_and_deterministic_per_seed(trained, capsys):
   argv = ["--workdir", str(trained), "--prompt", "the", "--prompt", "If", "--num_samples", "2",
           "--max_length", "12", "--seed", "3", "--top_k", "20", "--top_p", "0.9"]
@@ -79,6 +105,8 @@ def test_sample_is_batched_and_deterministic_per_seed(trained, capsys):
   samples = [line for line in first if not line.startswith("#")]
   assert len(samples) == 4
   assert [s.split("]")[0] for s in samples] == ["[the", "[the", "[If", "[If"]
+  assert cli.sample_main(["--workdir", str(trained), "--temperature", "0"]) == 0  # max_len
+  assert capsys.readouterr().out.splitlines()[1].startswith("[the] the")
 
 
 @pytest.mark.parametrize("binding, message", [

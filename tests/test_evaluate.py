@@ -88,6 +88,6 @@ def test_load_workdir_needs_a_training_workdir(tmp_path):
 
 
 def test_write_json_is_atomic_and_readable(tmp_path):
-  path = evaluate.write_json(str(tmp_path), "eval_test_1.json", {"loss": 1.5})
+  path = evaluate.write_json(evaluate.eval_json_path(str(tmp_path), "test", 1), {"loss": 1.5})
   assert open(path, encoding="utf-8").read().strip() == '{\n  "loss": 1.5\n}'
   assert [p.name for p in tmp_path.iterdir()] == ["eval_test_1.json"]

@@ -7,6 +7,7 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
@@ -60,6 +61,38 @@ def test_state_shardings_replicate_unnamed_leaves():
   tree = {"step": jax.ShapeDtypeStruct((), jnp.int32)}
   assert partitioning.state_shardings(mesh, tree)["step"].spec == (
       PartitionSpec())
+
+
+class FakeDevice:  # pylint: disable=too-few-public-methods
+  def __init__(self, process_index: int):
+    self.process_index = process_index
+
+
+def device_grid(shape: tuple[int, int, int], processes: list[int]):
+  """[data, fsdp, tensor] object array of FakeDevices owned by `processes` (row-major)."""
+  grid = np.empty(len(processes), object)
+  grid[:] = [FakeDevice(p) for p in processes]
+  return grid.reshape(shape)
+
+
+@pytest.mark.parametrize("shape, processes, expected", [
+    ((2, 2, 2), [0] * 4 + [1] * 4, [(0, 2), (1, 2)]),             # data across processes
+    ((1, 4, 2), [1] * 4 + [0] * 4, [(1, 2), (0, 2)]),             # order by first block
+    ((1, 1, 8), [0] * 4 + [1] * 4, [(0, 1), (0, 1)]),             # tensor across processes
+    ((2, 1, 4), [0, 0, 1, 1, 2, 2, 3, 3], [(0, 2), (0, 2), (1, 2), (1, 2)]),
+    ((4, 2, 1), [0, 1] * 4, [(0, 2), (1, 2)]),                    # interleaved blocks
+])
+def test_batch_shard_of_each_process(shape, processes, expected):
+  grid = device_grid(shape, processes)
+  got = [partitioning.batch_shard_of(grid, p) for p in sorted(set(processes))]
+  assert got == expected
+
+
+def test_batch_shard_of_rejects_partly_shared_blocks():
+  grid = device_grid((2, 1, 2), [0, 1, 1, 1])   # block 0: processes 0 and 1; block 1: 1
+  with pytest.raises(ValueError, match="overlapping"):
+    partitioning.batch_shard_of(grid, 0)
+  assert partitioning.batch_shard(partitioning.make_mesh()) == (0, 1)
 
 
 EIGHT_DEVICES = textwrap.dedent("""

@@ -1,7 +1,7 @@
 """Tests of lm1b/train.py: exact resume, SIGTERM save, config checks, unigram baseline.
 
 Also home of the micro configuration (a 1-layer d=32 model on a 1% embedded corpus) that
-test_cli.py, test_evaluate.py and test_sharded.py import.
+test_cli.py and test_sharded.py import.
 """
 
 import os
