@@ -1,0 +1,243 @@
+"""Speed and memory of hierarchical attention against dense attention, and decoding cost.
+
+In one run: forward and forward+backward (gradient of the sum of the outputs w.r.t. query,
+key and value) wall time and peak memory for batch 4, 1 head, head_dim 64, block 16, float32,
+for `hierarchical_attention` ("sample" and "fine" queries, causal) and
+`jax.nn.dot_product_attention(is_causal=True)`; then the time of one decoding step at
+positions 1k, 4k and 16k, `decode_step` against a full-attention KV-cache step.
+
+Peak memory is the compiled executable's memory analysis: temp + argument + output bytes
+(XLA's static buffer assignment, not a measured resident size).
+
+  python -m benchmarks.attention [--quick]
+"""
+
+import argparse
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+from benchmarks import common  # noqa: E402
+from hattention import decode_step, hierarchical_attention, init_cache  # noqa: E402
+
+BATCH, HEADS, HEAD_DIM, BLOCK = 4, 1, 64, 16
+DENSE_LIMIT_BYTES = 2 * 2**30  # skip dense attention whose logits alone exceed this
+# The official Flax implementation measured on this machine for this shape (issue 2).
+REPORTED = {"fwd": {4096: 53.0, 16384: 201.0}, "fwd+bwd": {4096: 103.0, 16384: 325.0}}
+METHODS = {
+    "hierarchical sample": functools.partial(hierarchical_attention, block_size=BLOCK,
+                                             query_mode="sample"),
+    "hierarchical fine": functools.partial(hierarchical_attention, block_size=BLOCK,
+                                           query_mode="fine"),
+    "dense": functools.partial(jax.nn.dot_product_attention, is_causal=True),
+}
+
+
+@dataclasses.dataclass
+class Measurement:
+  """Median wall milliseconds and peak MiB of one (method, length, pass)."""
+  ms: float
+  mib: float
+
+
+def _inputs(length: int):
+  """query, key, value: [BATCH, length, HEADS, HEAD_DIM] float32."""
+  keys = jax.random.split(jax.random.PRNGKey(length), 3)
+  return tuple(jax.random.normal(k, (BATCH, length, HEADS, HEAD_DIM)) for k in keys)
+
+
+def _passes(attention):
+  """{"fwd": f(q, k, v), "fwd+bwd": grads of sum(f) w.r.t. q, k, v}."""
+  loss = lambda q, k, v: attention(q, k, v).sum()
+  return {"fwd": attention, "fwd+bwd": jax.grad(loss, argnums=(0, 1, 2))}
+
+
+def _measure(fn, args, repeats: int) -> Measurement:
+  """Compiles fn once, reads its memory analysis and times it (median of repeats)."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  memory = compiled.memory_analysis()
+  peak = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
+          + memory.output_size_in_bytes)
+  seconds = common.time_call(lambda: compiled(*args), repeats=repeats)
+  return Measurement(1e3 * seconds, peak / 2**20)
+
+
+def measure_attention(lengths, repeats: int) -> dict:
+  """{(method, length, pass): Measurement or None (skipped)}."""
+  results = {}
+  for length in lengths:
+    args = _inputs(length)
+    for method, attention in METHODS.items():
+      too_big = method == "dense" and BATCH * HEADS * length**2 * 4 > DENSE_LIMIT_BYTES
+      for name, fn in _passes(attention).items():
+        key = (method, length, name)
+        results[key] = None if too_big else _measure(fn, args, repeats)
+        print(key, results[key] or "skipped", flush=True)
+  return results
+
+
+def _full_attention_step(k_cache, v_cache, query, key, value, position):
+  """One step against a [batch, max_len, heads, dim] KV cache; returns (out, caches)."""
+  k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, key, position, axis=1)
+  v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, value, position, axis=1)
+  mask = jnp.arange(k_cache.shape[1]) <= position
+  out = jax.nn.dot_product_attention(query, k_cache, v_cache, mask=mask[None, None, None])
+  return out, k_cache, v_cache
+
+
+def measure_decoding(positions, repeats: int) -> dict:
+  """{(method, position): median ms of one step at that position (max_length position+1)}."""
+  q, k, v = (x[:, :1] for x in _inputs(1))
+  hier = jax.jit(decode_step, donate_argnums=0)
+  full = jax.jit(_full_attention_step, donate_argnums=(0, 1))
+  results = {}
+  for position in positions:
+    state = {"cache": dataclasses.replace(
+        init_cache(BATCH, position + 1, HEADS, HEAD_DIM, block_size=BLOCK),
+        position=jnp.int32(position))}
+
+    def hier_step():  # the position stays put: the cache is only overwritten in place
+      out, cache = hier(state["cache"], q, k, v)
+      state["cache"] = dataclasses.replace(cache, position=jnp.int32(position))
+      return out
+
+    state["kv"] = [jnp.zeros((BATCH, position + 1, HEADS, HEAD_DIM)) for _ in range(2)]
+
+    def full_step():
+      out, *state["kv"] = full(*state["kv"], q, k, v, jnp.int32(position))
+      return out
+
+    for method, step in (("hierarchical decode_step", hier_step),
+                         ("full-attention KV cache", full_step)):
+      results[(method, position)] = 1e3 * common.time_call(step, repeats=repeats, warmup=2)
+      print(method, position, f"{results[(method, position)]:.3f} ms", flush=True)
+  return results
+
+
+def _fmt(m: Measurement | None, field: str) -> str:
+  if m is None:
+    return "skipped (> 2 GiB logits)"
+  return f"{getattr(m, field):.1f}"
+
+
+def _ratio(a: float, b: float) -> str:
+  return f"{a / b:.2f}x"
+
+
+def attention_tables(results, lengths) -> list[str]:
+  """Markdown: per length and method time and memory, ratios to dense, growth 4k -> 16k."""
+  rows = []
+  for length in lengths:
+    for method in METHODS:
+      fwd, both = results[(method, length, "fwd")], results[(method, length, "fwd+bwd")]
+      dense = results[("dense", length, "fwd+bwd")]
+      speedup = "" if both is None or dense is None else _ratio(dense.ms, both.ms)
+      mem = "" if both is None or dense is None else _ratio(both.mib, dense.mib)
+      rows.append([length, method, _fmt(fwd, "ms"), _fmt(both, "ms"), _fmt(fwd, "mib"),
+                   _fmt(both, "mib"), speedup, mem])
+  sections = ["## Forward and forward+backward", "", common.markdown_table(
+      ["length", "method", "fwd ms", "fwd+bwd ms", "fwd peak MiB", "fwd+bwd peak MiB",
+       "dense / this fwd+bwd time", "this / dense fwd+bwd memory"], rows), ""]
+  if 4096 in lengths and 16384 in lengths:
+    growth = []
+    for method in METHODS:
+      a, b = (results[(method, n, "fwd+bwd")] for n in (4096, 16384))
+      fa, fb = (results[(method, n, "fwd")] for n in (4096, 16384))
+      if None not in (a, b):
+        growth.append([method, _ratio(fb.ms, fa.ms), _ratio(b.ms, a.ms),
+                       _ratio(fb.mib, fa.mib), _ratio(b.mib, a.mib)])
+    sections += ["## Growth from 4096 to 16384 (linear = 4x)", "", common.markdown_table(
+        ["method", "fwd time", "fwd+bwd time", "fwd memory", "fwd+bwd memory"], growth), ""]
+  return sections
+
+
+def reference_table(results) -> list[str]:
+  """Markdown: hierarchical "sample" against the reported official Flax numbers."""
+  rows = []
+  for name, reported in REPORTED.items():
+    for length, ms in reported.items():
+      ours = results.get(("hierarchical sample", length, name))
+      if ours is not None:
+        rows.append([name, length, f"{ms:.0f}", f"{ours.ms:.1f}", _ratio(ms, ours.ms)])
+  if not rows:
+    return []
+  return ["## Against the reported reference (official Flax implementation)", "",
+          "Reported reference: the issue's measurements of the official Flax implementation "
+          "on this machine for this shape; not re-measured by this script.", "",
+          common.markdown_table(["pass", "length", "reported reference ms",
+                                 "hierarchical sample ms", "reference / this"], rows), ""]
+
+
+def decoding_table(results, positions) -> list[str]:
+  rows = []
+  for position in positions:
+    hier = results[("hierarchical decode_step", position)]
+    full = results[("full-attention KV cache", position)]
+    rows.append([position, f"{hier:.3f}", f"{full:.3f}", _ratio(full, hier)])
+  return ["## Decoding: one step at a given position", "",
+          f"Batch {BATCH}, {HEADS} head, head_dim {HEAD_DIM}, block {BLOCK}; cache of "
+          "max_length position + 1, donated to the jitted step (updated in place); the "
+          "full-attention step writes the new key/value into a [batch, max_length, heads, "
+          "dim] cache and attends over it with a length mask.", "",
+          common.markdown_table(["position", "hierarchical decode_step ms",
+                                 "full-attention KV-cache step ms", "full / hierarchical"],
+                                rows), ""]
+
+
+def plot(results, lengths, path: str) -> None:
+  """Log-log time (fwd, fwd+bwd) and fwd+bwd peak memory against length."""
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+  panels = [("fwd", "ms", "forward time (ms)"), ("fwd+bwd", "ms", "forward+backward time (ms)"),
+            ("fwd+bwd", "mib", "forward+backward peak memory (MiB)")]
+  for axis, (name, field, title) in zip(axes, panels):
+    for method in METHODS:
+      points = [(n, getattr(results[(method, n, name)], field)) for n in lengths
+                if results[(method, n, name)] is not None]
+      if points:
+        axis.plot(*zip(*points), marker="o", label=method)
+    if field == "ms":
+      axis.plot(*zip(*sorted(REPORTED[name].items())), "k*", markersize=10,
+                label="reported reference (Flax)")
+    axis.set(xscale="log", yscale="log", xlabel="sequence length", title=title)
+    axis.set_xticks(lengths, [str(n) for n in lengths])
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  print(f"wrote {path}")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="lengths 1k and 4k only, fewer repeats (smoke test)")
+  args = parser.parse_args()
+  lengths = [1024, 4096] if args.quick else [1024, 4096, 16384, 65536]
+  positions = [1024, 4096] if args.quick else [1024, 4096, 16384]
+  repeats = 2 if args.quick else 7
+  results = measure_attention(lengths, repeats)
+  decoding = measure_decoding(positions, repeats=5 if args.quick else 50)
+  note = (f"Batch {BATCH}, {HEADS} head, head_dim {HEAD_DIM}, block {BLOCK}, float32, causal. "
+          f"Times: median of {repeats} calls after a warm-up call. Peak memory: "
+          "`jax.jit(f).lower(...).compile().memory_analysis()`, temp + argument + output "
+          "bytes. fwd+bwd is the gradient of the sum of the outputs w.r.t. query, key and "
+          "value. Dense is `jax.nn.dot_product_attention(is_causal=True)`.")
+  png = os.path.join(common.RESULTS_DIR, "attention.png")
+  os.makedirs(common.RESULTS_DIR, exist_ok=True)
+  plot(results, lengths, png)
+  sections = ([note, ""] + attention_tables(results, lengths) + reference_table(results)
+              + decoding_table(decoding, positions) + ["![timings](attention.png)"])
+  common.write_report(os.path.join(common.RESULTS_DIR, "attention.md"),
+                      "Hierarchical attention: speed and memory", sections)
+
+
+if __name__ == "__main__":
+  main()
