@@ -116,6 +116,7 @@ def main() -> None:
   parser.add_argument("--root", default="/tmp/hlm1b_ablation", help="workdirs go here")
   parser.add_argument("--out", default=common.RESULTS_DIR)
   args = parser.parse_args()
+  os.makedirs(args.out, exist_ok=True)
   results, curves = {}, {}
   for variant in VARIANTS:
     for seed in args.seeds:
