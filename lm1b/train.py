@@ -572,12 +572,12 @@ def train_and_evaluate(workdir: str, *, num_steps: int = gin.REQUIRED, log_every
   mesh = partitioning.make_mesh()
   say(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
       f"device(s), {jax.process_count()} process(es)")
+  tx, schedule, accum = build_optimizer(num_steps)  # bad optimizer bindings fail before I/O
   inputs = build_process_inputs(workdir, mesh)
   model_config = build_model_config(inputs.tokenizer.vocab_size, inputs.seq_len)
   say(f"model: {model_lib.count_params(model_config):,} parameters "
       f"({model_config.num_layers} layers, d_model {model_config.d_model}, "
       f"{model_config.attention} attention, vocab {model_config.vocab_size})")
-  tx, schedule, accum = build_optimizer(num_steps)
   spec = make_state_spec(model_config, tx, mesh, inputs.seq_len)
   train_step = make_train_step(spec, schedule, label_smoothing=label_smoothing,
                                grad_accum_steps=accum)
