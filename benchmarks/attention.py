@@ -4,12 +4,13 @@ In one run: forward and forward+backward (gradient of the sum of the outputs w.r
 key and value) wall time and peak memory for batch 4, 1 head, head_dim 64, block 16, float32,
 for `hierarchical_attention` ("sample" and "fine" queries, causal) and
 `jax.nn.dot_product_attention(is_causal=True)`; then the time of one decoding step at
-positions 1k, 4k and 16k, `decode_step` against a full-attention KV-cache step.
+positions 1k, 4k and 16k (time per token of a jitted loop of consecutive steps), `decode_step`
+against a full-attention KV-cache step.
 
 Peak memory is the compiled executable's memory analysis: temp + argument + output bytes
 (XLA's static buffer assignment, not a measured resident size).
 
-  python -m benchmarks.attention [--quick]
+  python -m benchmarks.attention [--quick] [--only decode]
 """
 
 import argparse
@@ -84,7 +85,26 @@ def measure_attention(lengths, repeats: int) -> dict:
 
 
 def _full_attention_step(k_cache, v_cache, query, key, value, position):
-  """One step against a [batch, max_len, heads, dim] KV cache; returns (out, caches)."""
+  """One step against a KV cache of [batch * heads, max_len, dim]; returns (out, caches).
+
+  query/key/value: [batch, 1, heads, dim]. The new key/value is written in place at
+  `position` (dynamic_update_slice) and the query attends to slots 0..position (a length
+  mask). Heads are folded into the leading axis so that both products are plain batched
+  matrix-vector products: with a [batch, max_len, heads, dim] cache (below) XLA on CPU
+  copies the whole cache at every step.
+  """
+  batch, _, heads, dim = query.shape
+  query, key, value = (x.reshape(batch * heads, dim) for x in (query, key, value))
+  k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, key[:, None], position, axis=1)
+  v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, value[:, None], position, axis=1)
+  logits = jnp.einsum("nd,nld->nl", query, k_cache) / dim**0.5
+  logits = jnp.where(jnp.arange(k_cache.shape[1]) <= position, logits, -jnp.inf)
+  out = jnp.einsum("nl,nld->nd", jax.nn.softmax(logits, axis=-1), v_cache)
+  return out.reshape(batch, 1, heads, dim), k_cache, v_cache
+
+
+def _naive_full_attention_step(k_cache, v_cache, query, key, value, position):
+  """The same step on a [batch, max_len, heads, dim] cache with dot_product_attention."""
   k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, key, position, axis=1)
   v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, value, position, axis=1)
   mask = jnp.arange(k_cache.shape[1]) <= position
@@ -92,32 +112,101 @@ def _full_attention_step(k_cache, v_cache, query, key, value, position):
   return out, k_cache, v_cache
 
 
-def measure_decoding(positions, repeats: int) -> dict:
-  """{(method, position): median ms of one step at that position (max_length position+1)}."""
-  q, k, v = (x[:, :1] for x in _inputs(1))
-  hier = jax.jit(decode_step, donate_argnums=0)
-  full = jax.jit(_full_attention_step, donate_argnums=(0, 1))
+def _step_inputs(steps: int):
+  """query, key, value: [steps, BATCH, 1, HEADS, HEAD_DIM] float32, one set per step."""
+  return tuple(x.swapaxes(0, 1)[:, :, None] for x in _inputs(steps))
+
+
+def _hierarchical_steps(cache, inputs):
+  """Runs decode_step once per leading index of inputs (a fori_loop, as in sampling).
+
+  Returns (sum of the outputs [BATCH, 1, HEADS, HEAD_DIM], final cache).
+  """
+  def body(i, carry):
+    cache, total = carry
+    out, cache = decode_step(cache, *(x[i] for x in inputs))
+    return cache, total + out
+
+  total = jnp.zeros(inputs[0].shape[1:])
+  cache, total = jax.lax.fori_loop(0, inputs[0].shape[0], body, (cache, total))
+  return total, cache
+
+
+def _full_attention_steps(step, k_cache, v_cache, position, inputs):
+  """`step` (a KV-cache step) at position, position + 1, ... (a fori_loop).
+
+  Returns (sum of the outputs [BATCH, 1, HEADS, HEAD_DIM], k_cache, v_cache).
+  """
+  def body(i, carry):
+    k_cache, v_cache, total = carry
+    out, k_cache, v_cache = step(k_cache, v_cache, *(x[i] for x in inputs), position + i)
+    return k_cache, v_cache, total + out
+
+  total = jnp.zeros(inputs[0].shape[1:])
+  k_cache, v_cache, total = jax.lax.fori_loop(0, inputs[0].shape[0], body,
+                                              (k_cache, v_cache, total))
+  return total, k_cache, v_cache
+
+
+def _filled_cache(position: int, max_length: int):
+  """A "sample" HierarchicalCache after decoding `position` random tokens (jitted loop)."""
+  cache = init_cache(BATCH, max_length, HEADS, HEAD_DIM, block_size=BLOCK)
+  fill = jax.jit(lambda c, xs: jax.lax.fori_loop(
+      0, position, lambda i, c: decode_step(c, *(x[i % x.shape[0]] for x in xs))[1], c))
+  return jax.block_until_ready(fill(cache, _step_inputs(256)))
+
+
+def _bytes(tree) -> int:
+  return sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(tree))
+
+
+KV_SHAPES = {  # method: (step, cache shape for a max_length)
+    "full-attention KV cache": (_full_attention_step,
+                                lambda n: (BATCH * HEADS, n, HEAD_DIM)),
+    "naive KV cache": (_naive_full_attention_step, lambda n: (BATCH, n, HEADS, HEAD_DIM)),
+}
+
+
+def _time_per_token(call, repeats: int, steps: int) -> float:
+  return 1e3 * common.time_call(call, repeats=repeats, warmup=2) / steps
+
+
+def measure_decoding(positions, repeats: int, steps: int = 64) -> dict:
+  """{(method, position): (ms per token, cache MiB)}.
+
+  Each timed call is one jitted fori_loop of `steps` consecutive decoding steps starting
+  at `position` (max_length position + steps), its state donated and reused so that the
+  caches are updated in place; the time is the median call divided by `steps`. The
+  hierarchical cache is filled by actually decoding `position` tokens; the KV caches (whose
+  step cost does not depend on their contents) hold random keys and values.
+  """
+  inputs = _step_inputs(steps)
+  hier = jax.jit(_hierarchical_steps, donate_argnums=0)
   results = {}
   for position in positions:
-    state = {"cache": dataclasses.replace(
-        init_cache(BATCH, position + 1, HEADS, HEAD_DIM, block_size=BLOCK),
-        position=jnp.int32(position))}
+    max_length = position + steps
+    state = {"cache": _filled_cache(position, max_length)}
 
-    def hier_step():  # the position stays put: the cache is only overwritten in place
-      out, cache = hier(state["cache"], q, k, v)
+    def hier_call():  # restart at `position`: the ring buffers are just overwritten
+      total, cache = hier(state["cache"], inputs)
       state["cache"] = dataclasses.replace(cache, position=jnp.int32(position))
-      return out
+      return total
 
-    state["kv"] = [jnp.zeros((BATCH, position + 1, HEADS, HEAD_DIM)) for _ in range(2)]
+    ms = _time_per_token(hier_call, repeats, steps)
+    results[("hierarchical decode_step", position)] = (ms, _bytes(state["cache"]) / 2**20)
+    print("hierarchical decode_step", position, f"{ms:.4f} ms per token", flush=True)
+    for method, (step, shape) in KV_SHAPES.items():
+      loop = jax.jit(functools.partial(_full_attention_steps, step), donate_argnums=(0, 1))
+      state["kv"] = [jax.random.normal(jax.random.PRNGKey(i), shape(max_length))
+                     for i in range(2)]
 
-    def full_step():
-      out, *state["kv"] = full(*state["kv"], q, k, v, jnp.int32(position))
-      return out
+      def full_call():
+        total, *state["kv"] = loop(*state["kv"], jnp.int32(position), inputs)
+        return total
 
-    for method, step in (("hierarchical decode_step", hier_step),
-                         ("full-attention KV cache", full_step)):
-      results[(method, position)] = 1e3 * common.time_call(step, repeats=repeats, warmup=2)
-      print(method, position, f"{results[(method, position)]:.3f} ms", flush=True)
+      ms = _time_per_token(full_call, repeats, steps)
+      results[(method, position)] = (ms, _bytes(state["kv"]) / 2**20)
+      print(method, position, f"{ms:.4f} ms per token", flush=True)
   return results
 
 
@@ -175,20 +264,31 @@ def reference_table(results) -> list[str]:
                                  "hierarchical sample ms", "reference / this"], rows), ""]
 
 
-def decoding_table(results, positions) -> list[str]:
+def decoding_table(results, positions, steps: int = 64) -> list[str]:
+  """Markdown: per position the time per token and cache size of the decoders."""
   rows = []
   for position in positions:
-    hier = results[("hierarchical decode_step", position)]
-    full = results[("full-attention KV cache", position)]
-    rows.append([position, f"{hier:.3f}", f"{full:.3f}", _ratio(full, hier)])
-  return ["## Decoding: one step at a given position", "",
-          f"Batch {BATCH}, {HEADS} head, head_dim {HEAD_DIM}, block {BLOCK}; cache of "
-          "max_length position + 1, donated to the jitted step (updated in place); the "
-          "full-attention step writes the new key/value into a [batch, max_length, heads, "
-          "dim] cache and attends over it with a length mask.", "",
-          common.markdown_table(["position", "hierarchical decode_step ms",
-                                 "full-attention KV-cache step ms", "full / hierarchical"],
-                                rows), ""]
+    hier, hier_mib = results[("hierarchical decode_step", position)]
+    full, full_mib = results[("full-attention KV cache", position)]
+    naive, _ = results[("naive KV cache", position)]
+    rows.append([position, f"{hier:.4f}", f"{full:.4f}", _ratio(full, hier), f"{naive:.4f}",
+                 f"{hier_mib:.2f}", f"{full_mib:.1f}"])
+  return ["## Decoding: time per token at a given position", "",
+          f"Batch {BATCH}, {HEADS} head, head_dim {HEAD_DIM}, block {BLOCK}, float32, "
+          f"max_length position + {steps}. Each timed call is one jitted `lax.fori_loop` of "
+          f"{steps} consecutive steps from a cache already filled up to the position (the "
+          "hierarchical \"sample\" cache by decoding that many tokens), its state donated and "
+          f"updated in place; time per token = median call / {steps}. The full-attention "
+          "step writes the new key/value into a [batch * heads, max_length, dim] cache with "
+          "`dynamic_update_slice` and attends over it with a length mask (two batched "
+          "matrix-vector products, no copy of the cache). The naive column is the same step "
+          "on a [batch, max_length, heads, dim] cache with `jax.nn.dot_product_attention`, "
+          "for which XLA on CPU copies the cache at every step. The hierarchical cache holds "
+          "ring buffers of 2 * block slots per level.", "",
+          common.markdown_table(["position", "hierarchical decode_step ms/token",
+                                 "full-attention KV-cache ms/token", "full / hierarchical",
+                                 "naive KV-cache ms/token", "hierarchical cache MiB",
+                                 "KV cache MiB"], rows), ""]
 
 
 def plot(results, lengths, path: str) -> None:
@@ -219,12 +319,18 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true",
                       help="lengths 1k and 4k only, fewer repeats (smoke test)")
+  parser.add_argument("--only", choices=["decode"],
+                      help="run only this part and print its table (no results file)")
   args = parser.parse_args()
   lengths = [1024, 4096] if args.quick else [1024, 4096, 16384, 65536]
   positions = [1024, 4096] if args.quick else [1024, 4096, 16384]
   repeats = 2 if args.quick else 7
+  decode_repeats = 5 if args.quick else 20
+  if args.only == "decode":
+    print("\n".join(decoding_table(measure_decoding(positions, decode_repeats), positions)))
+    return
   results = measure_attention(lengths, repeats)
-  decoding = measure_decoding(positions, repeats=5 if args.quick else 50)
+  decoding = measure_decoding(positions, repeats=decode_repeats)
   note = (f"Batch {BATCH}, {HEADS} head, head_dim {HEAD_DIM}, block {BLOCK}, float32, causal. "
           f"Times: median of {repeats} calls after a warm-up call. Peak memory: "
           "`jax.jit(f).lower(...).compile().memory_analysis()`, temp + argument + output "
@@ -237,7 +343,6 @@ def main() -> None:
               + decoding_table(decoding, positions) + ["![timings](attention.png)"])
   common.write_report(os.path.join(common.RESULTS_DIR, "attention.md"),
                       "Hierarchical attention: speed and memory", sections)
-
 
 if __name__ == "__main__":
   main()

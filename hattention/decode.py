@@ -4,29 +4,38 @@ Feeding positions 0, 1, 2, ... through `decode_step` reproduces
 `hierarchical_attention(..., causal=True)` on the whole sequence for the
 "sample" and "fine" query modes ("mean" needs future queries and is refused).
 
-State kept per level l (block size b, padded capacity P = b * 2**M):
-
-  keys[l], values[l]: [batch, P >> l, heads, head_dim], the mean of key/value
-    over each aligned cell of 2**l positions (level 0 holds the raw keys and
-    values). Cell c of level l is rewritten at every step that falls in it, as
-    the mean of cells 2c and 2c+1 of level l-1; it is final once the cell is
-    complete, and the causal rule only ever reads complete cells at l >= 1
-    (the coarse blocks a query sees lie strictly before its own block).
-  queries: [batch, num_levels - 1, heads, head_dim] ("sample" mode): for
-    level l >= 1 the query at position (t >> l) << l, recorded when t is a
-    multiple of 2**l.
-
 A query at position t sees, at level 0, blocks t//b - 1 and t//b of raw keys
 (causally masked), and at each level l >= 1 the b cells of the level-l block
 i - 1 with i = t // (b * 2**l), all of them when t is in the right half of its
 level-l block and only the left half otherwise (the rest is covered at level
 l - 1). A cell of 2**l real keys weighs 2**l times (logit + l * log 2) and
-carries its mean value. All levels merge in one float32 softmax, so a step
-costs O(b * M * head_dim) whatever the position.
+carries its mean value. All levels merge in one float32 softmax.
 
-Capacity: positions 0 .. max_length - 1. A step at a position >= max_length
-cannot raise under jit; `decode_step` returns NaN outputs there instead (the
-cache writes are clamped by dynamic_update_slice and are meaningless).
+Only two consecutive blocks per level are ever needed, so the state is a set
+of ring buffers of 2 * b slots (block size b, M levels, B batch, H heads, D
+head_dim), whatever the position and max_length:
+
+  recent_keys, recent_values: [B, H, 2b, D] in the cache dtype, level 0: the
+    raw key/value of position p in slot p mod 2b (blocks t//b - 1 and t//b).
+  key_sums, value_sums: [B, H, M - 1, 2b, D] float32, levels l >= 1: slot
+    c mod 2b of level l holds the running sum of the keys/values of cell c
+    (positions c * 2**l .. (c + 1) * 2**l - 1); it is reset by the first
+    position of its cell and accumulated by the following ones. The cells
+    read (level-l block i - 1) are complete, so their mean is sum / 2**l.
+  queries: [B, H, M - 1, D] in the cache dtype ("sample" mode; M - 1 = 0
+    levels wide in "fine" mode): for level l >= 1 the query at position
+    (t >> l) << l, the start of the current level-l cell.
+
+Memory: 4b * (1 + 2 (M - 1)) * D elements per (batch, head) plus the sampled
+queries, i.e. O(b * M * D) with M = log2(padded_length / b) -- logarithmic
+in max_length instead of the O(max_length * D) of a KV cache. A step writes
+one slot per level and attends over 2b * M slots (masked), so it costs
+O(b * M * D) whatever the position; the jitted step touches no array whose
+size depends on max_length except through M.
+
+Capacity: positions 0 .. max_length - 1 (max_length fixes M as the full
+forward on a max_length sequence would). A step at a position >= max_length
+cannot raise under jit; `decode_step` returns NaN outputs there instead.
 """
 
 import dataclasses
@@ -44,17 +53,21 @@ QUERY_MODES = ("sample", "fine")
 class HierarchicalCache:
   """Decoding state; a pytree whose static fields are the configuration.
 
-  Data fields:
+  Data fields (B batch, H heads, D head_dim, b block size, M levels):
     position: int32 scalar, the position the next `decode_step` writes.
-    keys, values: tuple over levels of [batch, capacity >> l, heads, head_dim]
-      cell means in the cache dtype (capacity = padded_length(max_length)).
-    queries: [batch, num_levels - 1, heads, head_dim] sampled queries per
-      coarse level ("sample" mode; zero levels wide in "fine" mode).
+    recent_keys, recent_values: [B, H, 2b, D] level-0 ring buffers of raw
+      keys/values in the cache dtype (slot = position mod 2b).
+    key_sums, value_sums: [B, H, M - 1, 2b, D] float32 ring buffers of the
+      running key/value sums of the level-l cells (slot = cell mod 2b).
+    queries: [B, H, M - 1, D] sampled queries per coarse level ("sample"
+      mode; zero levels wide in "fine" mode).
   """
 
   position: jax.Array
-  keys: tuple
-  values: tuple
+  recent_keys: jax.Array
+  recent_values: jax.Array
+  key_sums: jax.Array
+  value_sums: jax.Array
   queries: jax.Array
   block_size: int = 16
   query_mode: str = "sample"
@@ -62,12 +75,13 @@ class HierarchicalCache:
 
   @property
   def num_levels(self) -> int:
-    return len(self.keys)
+    return self.key_sums.shape[2] + 1
 
 
 jax.tree_util.register_dataclass(
     HierarchicalCache,
-    data_fields=["position", "keys", "values", "queries"],
+    data_fields=["position", "recent_keys", "recent_values", "key_sums",
+                 "value_sums", "queries"],
     meta_fields=["block_size", "query_mode", "max_length"])
 
 
@@ -96,30 +110,32 @@ def init_cache(batch: int, max_length: int, heads: int, head_dim: int, *,
   """Empty cache for decoding up to `max_length` positions.
 
   The level count M comes from padded_length(max_length, block_size) (as in
-  the full forward), capped at `num_levels` when given. Memory is about
-  4 * padded_length * batch * heads * head_dim elements of `dtype`.
+  the full forward), capped at `num_levels` when given. Memory per (batch,
+  head): 4 * block_size * head_dim elements of `dtype` (level 0) plus
+  4 * block_size * (M - 1) * head_dim float32 sums and (M - 1) * head_dim
+  sampled queries -- independent of max_length but for M.
   """
   for name, value in (("batch", batch), ("max_length", max_length),
                       ("heads", heads), ("head_dim", head_dim)):
     _check_positive(name, value)
   _check_config(block_size, query_mode, num_levels)
-  capacity = padded_length(max_length, block_size)
-  levels = int(math.log2(capacity // block_size))
+  levels = int(math.log2(padded_length(max_length, block_size) // block_size))
   if num_levels is not None:
     levels = min(levels, num_levels)
-  cells = [capacity >> level for level in range(levels)]
-  zeros = lambda n: jnp.zeros((batch, n, heads, head_dim), dtype)
+  slots = 2 * block_size
+  recent = jnp.zeros((batch, heads, slots, head_dim), dtype)
+  sums = jnp.zeros((batch, heads, levels - 1, slots, head_dim), jnp.float32)
   sampled = levels - 1 if query_mode == "sample" else 0
   return HierarchicalCache(
       position=jnp.zeros((), jnp.int32),
-      keys=tuple(zeros(n) for n in cells),
-      values=tuple(zeros(n) for n in cells),
-      queries=zeros(sampled),
+      recent_keys=recent, recent_values=recent, key_sums=sums,
+      value_sums=sums,
+      queries=jnp.zeros((batch, heads, sampled, head_dim), dtype),
       block_size=block_size, query_mode=query_mode, max_length=max_length)
 
 
 def _check_step(cache: HierarchicalCache, query, key, value) -> None:
-  batch, _, heads, head_dim = cache.keys[0].shape
+  batch, heads, _, head_dim = cache.recent_keys.shape
   expected = (batch, 1, heads, head_dim)
   for name, x in (("query", query), ("key", key), ("value", value)):
     if tuple(x.shape) != expected:
@@ -127,75 +143,99 @@ def _check_step(cache: HierarchicalCache, query, key, value) -> None:
                        "[batch, 1, heads, head_dim] matching the cache")
 
 
-def _write_cells(levels: tuple, new: jax.Array, position) -> tuple:
-  """Writes `new` [batch, heads, dim] at `position`; refreshes each coarse cell.
+def _coarse_levels(cache: HierarchicalCache) -> jax.Array:
+  """int32 [M - 1]: the levels 1 .. M - 1 kept as cell sums."""
+  return jnp.arange(1, cache.num_levels, dtype=jnp.int32)
 
-  Returns the updated tuple of per-level cell means.
+
+def _write_recent(ring: jax.Array, new: jax.Array, position) -> jax.Array:
+  """Writes `new` [B, H, D] into slot position mod 2b of `ring` [B, H, 2b, D]."""
+  slot = position & (ring.shape[2] - 1)
+  return jax.lax.dynamic_update_slice_in_dim(
+      ring, new[:, :, None].astype(ring.dtype), slot, axis=2)
+
+
+def _accumulate(sums: jax.Array, new: jax.Array, position, levels) -> jax.Array:
+  """Adds `new` [B, H, D] to the current cell of every coarse level.
+
+  sums: [B, H, M - 1, 2b, D] float32; the slot of level l is (t >> l) mod 2b,
+  reset (set to `new`) when t is the first position of its cell.
   """
-  dtype = levels[0].dtype
-  out = [jax.lax.dynamic_update_slice_in_dim(
-      levels[0], new[:, None].astype(dtype), position, axis=1)]
-  for level in range(1, len(levels)):
-    cell = position >> level
-    children = jax.lax.dynamic_slice_in_dim(out[-1], 2 * cell, 2, axis=1)
-    mean = children.astype(jnp.float32).mean(axis=1, keepdims=True)
-    out.append(jax.lax.dynamic_update_slice_in_dim(
-        levels[level], mean.astype(dtype), cell, axis=1))
-  return tuple(out)
+  slots = jnp.arange(sums.shape[3], dtype=jnp.int32)
+  current = slots[None, :] == ((position >> levels) & (sums.shape[3] - 1))[:, None]
+  reset = (position & ((1 << levels) - 1)) == 0
+  new = new.astype(jnp.float32)[:, :, None, None]
+  base = jnp.where(reset[:, None, None], 0.0, sums)
+  return jnp.where(current[:, :, None], base + new, sums)
 
 
-def _level_candidates(cache: HierarchicalCache, level: int, position):
-  """Keys, values, extra log-weight and mask of the cells seen at `level`.
+def _sample_queries(cache: HierarchicalCache, query, position, levels):
+  """[B, H, M - 1, D]: `query` [B, H, D] stored at levels whose cell starts."""
+  if cache.query_mode != "sample":
+    return cache.queries
+  starts = (position & ((1 << levels) - 1)) == 0
+  return jnp.where(starts[:, None], query[:, :, None].astype(cache.queries.dtype),
+                   cache.queries)
 
-  Returns keys/values [batch, n, heads, dim], log_weight float, mask [n] bool.
+
+def _recent_mask(cache: HierarchicalCache, position) -> jax.Array:
+  """bool [2b]: level-0 slots holding positions of blocks t//b - 1 .. t."""
+  b = cache.block_size
+  slots = jnp.arange(2 * b, dtype=jnp.int32)
+  stored = position - ((position - slots) & (2 * b - 1))  # position in slot
+  first = jnp.maximum((position // b) - 1, 0) * b
+  return stored >= first
+
+
+def _coarse_mask(cache: HierarchicalCache, position, levels) -> jax.Array:
+  """bool [M - 1, 2b]: the cells of level-l block i - 1 the query sees.
+
+  All b of them when t is in the right half of its level-l block i, the left
+  b / 2 otherwise; none while i = 0.
   """
   b = cache.block_size
-  shift = int(math.log2(b)) + level  # log2 of the level-`level` block width
+  shift = int(math.log2(b)) + levels  # [M - 1] log2 of the level block width
   block = position >> shift
-  if level == 0:
-    start = jnp.maximum(block - 1, 0) * b
-    width = 2 * b
-    mask = start + jnp.arange(width) <= position
-  else:
-    start = jnp.maximum(block - 1, 0) * b
-    width = b
-    right_half = (position >> (shift - 1)) & 1
-    seen = jnp.where(right_half == 1, b, b // 2)
-    mask = (block >= 1) & (jnp.arange(width) < seen)
-  keys = jax.lax.dynamic_slice_in_dim(cache.keys[level], start, width, axis=1)
-  values = jax.lax.dynamic_slice_in_dim(cache.values[level], start, width,
-                                        axis=1)
-  return keys, values, level * math.log(2.0), mask
+  right_half = ((position >> (shift - 1)) & 1) == 1
+  seen = jnp.where(right_half, b, b // 2)
+  slots = jnp.arange(2 * b, dtype=jnp.int32)
+  in_previous = (slots[None, :] // b) == ((block - 1) & 1)[:, None]
+  return ((block >= 1)[:, None] & in_previous
+          & ((slots[None, :] % b) < seen[:, None]))
 
 
-def _level_query(cache: HierarchicalCache, query, level: int):
-  """[batch, heads, dim] float32 query used at `level`."""
-  if level == 0 or cache.query_mode == "fine":
-    return query
-  return cache.queries[:, level - 1].astype(jnp.float32)
+def _attend(cache: HierarchicalCache, query, position, levels):
+  """One causal row of hierarchical attention; float32 [B, H, D].
 
-
-def _attend(cache: HierarchicalCache, query, position):
-  """One causal row of hierarchical attention; float32 [batch, heads, dim]."""
+  query: [B, H, D] float32, the query at `position` (written already).
+  """
   scale = 1.0 / math.sqrt(query.shape[-1])
-  logits, values, masks = [], [], []
-  for level in range(cache.num_levels):
-    k, v, log_weight, mask = _level_candidates(cache, level, position)
-    q = _level_query(cache, query, level)
-    logit = jnp.einsum("bhd,bnhd->bhn", q, k.astype(jnp.float32)) * scale
-    logits.append(logit + log_weight)
-    values.append(v)
-    masks.append(mask)
-  logits = jnp.concatenate(logits, axis=-1)
-  values = jnp.concatenate(values, axis=1).astype(jnp.float32)
-  mask = jnp.concatenate(masks)
+  inv_width = jnp.exp2(-levels.astype(jnp.float32))  # [M - 1] 1 / 2**l
+  if cache.query_mode == "sample":
+    coarse_q = cache.queries.astype(jnp.float32)
+  else:
+    coarse_q = jnp.broadcast_to(query[:, :, None], cache.queries.shape[:2]
+                                + (cache.num_levels - 1, query.shape[-1]))
+  fine = jnp.einsum("bhd,bhsd->bhs", query,
+                    cache.recent_keys.astype(jnp.float32)) * scale
+  coarse = jnp.einsum("bhld,bhlsd->bhls", coarse_q, cache.key_sums)
+  coarse = (coarse * (scale * inv_width)[:, None]
+            + (levels.astype(jnp.float32) * math.log(2.0))[:, None])
+  batch, heads = query.shape[:2]
+  logits = jnp.concatenate([fine, coarse.reshape(batch, heads, -1)], axis=-1)
+  mask = jnp.concatenate([_recent_mask(cache, position),
+                          _coarse_mask(cache, position, levels).reshape(-1)])
   logits = jnp.where(mask, logits, -jnp.inf)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
   weights = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
   denom = weights.sum(-1, keepdims=True)
   probs = weights / jnp.where(denom > 0, denom, 1.0)
-  return jnp.einsum("bhn,bnhd->bhd", probs, values)
+  slots = 2 * cache.block_size
+  out = jnp.einsum("bhs,bhsd->bhd", probs[..., :slots],
+                   cache.recent_values.astype(jnp.float32))
+  coarse_probs = probs[..., slots:].reshape(coarse.shape) * inv_width[:, None]
+  return out + jnp.einsum("bhls,bhlsd->bhd", coarse_probs, cache.value_sums)
 
 
 def decode_step(cache: HierarchicalCache, query, key, value):
@@ -211,17 +251,15 @@ def decode_step(cache: HierarchicalCache, query, key, value):
   """
   _check_step(cache, query, key, value)
   position = cache.position
-  q = query[:, 0].astype(jnp.float32)
-  keys = _write_cells(cache.keys, key[:, 0], position)
-  values = _write_cells(cache.values, value[:, 0], position)
-  queries = cache.queries
-  if cache.query_mode == "sample" and cache.num_levels > 1:
-    levels = jnp.arange(1, cache.num_levels)
-    starts = (position & ((1 << levels) - 1)) == 0
-    queries = jnp.where(starts[None, :, None, None],
-                        query.astype(queries.dtype), queries)
-  cache = dataclasses.replace(cache, position=position + 1, keys=keys,
-                              values=values, queries=queries)
-  out = _attend(cache, q, position)
+  levels = _coarse_levels(cache)
+  q, k, v = (x[:, 0] for x in (query, key, value))  # [B, H, D]
+  cache = dataclasses.replace(
+      cache, position=position + 1,
+      recent_keys=_write_recent(cache.recent_keys, k, position),
+      recent_values=_write_recent(cache.recent_values, v, position),
+      key_sums=_accumulate(cache.key_sums, k, position, levels),
+      value_sums=_accumulate(cache.value_sums, v, position, levels),
+      queries=_sample_queries(cache, q, position, levels))
+  out = _attend(cache, q.astype(jnp.float32), position, levels)
   out = jnp.where(position < cache.max_length, out, jnp.nan)
   return out[:, None].astype(query.dtype), cache

@@ -180,22 +180,30 @@ class SelfAttention(nn.Module):
                       name=name)(x)
 
   def _decode_full(self, query, key, value):
-    """One step against a [batch, max_len, heads, head_dim] KV cache."""
+    """One step against a KV cache; query/key/value [batch, 1, heads, head_dim].
+
+    The cache is [batch, heads, max_len, head_dim] (position-major per head), written in place
+    with dynamic_update_slice; the step reads it once with two einsums, softmax in float32.
+    """
     cfg = self.config
-    batch = query.shape[0]
-    shape = (batch, cfg.max_len, cfg.num_heads, cfg.head_dim)
+    shape = (query.shape[0], cfg.num_heads, cfg.max_len, cfg.head_dim)
     keys = self.variable("cache", "keys", jnp.zeros, shape, cfg.compute_dtype)
     values = self.variable("cache", "values", jnp.zeros, shape,
                            cfg.compute_dtype)
     index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
     i = index.value
-    keys.value = jax.lax.dynamic_update_slice(keys.value, key, (0, i, 0, 0))
-    values.value = jax.lax.dynamic_update_slice(values.value, value,
-                                                (0, i, 0, 0))
+    as_cache = lambda x: x.transpose(0, 2, 1, 3).astype(cfg.compute_dtype)
+    keys.value = jax.lax.dynamic_update_slice(keys.value, as_cache(key), (0, 0, i, 0))
+    values.value = jax.lax.dynamic_update_slice(values.value, as_cache(value),
+                                                (0, 0, i, 0))
     index.value = i + 1
-    mask = (jnp.arange(cfg.max_len) <= i)[None, None, None, :]
-    return jax.nn.dot_product_attention(query, keys.value, values.value,
-                                        mask=mask)
+    logits = jnp.einsum("bhd,bhld->bhl", query[:, 0], keys.value,
+                        preferred_element_type=jnp.float32) / math.sqrt(cfg.head_dim)
+    logits = jnp.where(jnp.arange(cfg.max_len) <= i, logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1).astype(values.value.dtype)
+    out = jnp.einsum("bhl,bhld->bhd", probs, values.value,
+                     preferred_element_type=jnp.float32)
+    return out[:, None].astype(query.dtype)
 
   def _decode_hierarchical(self, query, key, value):
     """One step through the hattention decoding cache."""

@@ -53,6 +53,7 @@ CASES = [  # (length, max_length, block_size, query_mode)
     (100, 130, 4, "fine"),
     (100, 100, 16, "sample"),
     (100, 128, 16, "fine"),
+    (300, 300, 2, "sample"),  # every ring buffer but the top level's wraps
 ]
 
 
@@ -145,6 +146,43 @@ def test_position_past_capacity_gives_nan():
   got = _decode_all(q, k, v, max_length=4, block_size=2, query_mode="sample")
   assert np.isfinite(np.asarray(got[:, :4])).all()
   assert np.isnan(np.asarray(got[:, 4])).all()
+
+
+def _leaf_shapes(cache) -> list:
+  return [tuple(leaf.shape) for leaf in jax.tree_util.tree_leaves(cache)]
+
+
+def test_cache_size_does_not_depend_on_max_length():
+  small, large = (init_cache(BATCH, n, HEADS, DIM, block_size=4, num_levels=3)
+                  for n in (64, 1 << 20))
+  assert _leaf_shapes(small) == _leaf_shapes(large)
+  # Uncapped, only the level count M = log2(padded / b) grows with max_length.
+  block = 16
+  cache = init_cache(BATCH, 1 << 20, HEADS, DIM, block_size=block)
+  levels = 16
+  assert cache.num_levels == levels
+  elements = sum(leaf.size for leaf in jax.tree_util.tree_leaves(cache))
+  per_level = BATCH * HEADS * DIM * (4 * block + 1)
+  assert elements <= levels * per_level + 1
+
+
+def test_compiled_step_cost_does_not_depend_on_max_length():
+  x = jnp.zeros((BATCH, 1, HEADS, DIM))
+  stats = []
+  for max_length in (64, 1 << 16):
+    cache = init_cache(BATCH, max_length, HEADS, DIM, block_size=4,
+                       num_levels=3)
+    compiled = jax.jit(decode_step).lower(cache, x, x, x).compile()
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    stats.append((memory.argument_size_in_bytes, memory.temp_size_in_bytes,
+                  memory.output_size_in_bytes, cost.get("flops"),
+                  cost.get("bytes accessed")))
+  assert stats[0] == stats[1]
+  # The cache arguments are a few KiB, not O(max_length) (64k positions of
+  # float32 keys alone would be 4 MiB here).
+  assert stats[1][0] < 64 * 1024
 
 
 @pytest.mark.parametrize("kwargs,match", [
