@@ -29,7 +29,10 @@ def machine_description() -> str:
   """One line: devices, CPU count, platform, jax version, date."""
   devices = jax.devices()
   kind = devices[0].device_kind
-  return (f"{len(devices)} x {kind} ({jax.default_backend()}), {os.cpu_count()} CPU cores, "
+  usable = len(os.sched_getaffinity(0))
+  cores = f"{os.cpu_count()} CPU cores" + (f" ({usable} usable: taskset)"
+                                          if usable != os.cpu_count() else "")
+  return (f"{len(devices)} x {kind} ({jax.default_backend()}), {cores}, "
           f"{platform.platform()}, Python {platform.python_version()}, jax {jax.__version__}, "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
 
