@@ -18,7 +18,6 @@ import sys
 
 from benchmarks import common
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
     "full attention": ['ModelConfig.attention = "full"'],
     'hierarchical "sample"': ['ModelConfig.query_mode = "sample"'],
@@ -32,7 +31,7 @@ MEAN = 'hierarchical causal "mean" (leaks)'
 def run(args: list[str]) -> None:
   """Runs a repository script, failing loudly."""
   print("$ " + " ".join(args), flush=True)
-  subprocess.run([sys.executable] + args, cwd=REPO, check=True)
+  subprocess.run([sys.executable] + args, cwd=common.REPO_DIR, check=True)
 
 
 def workdir_name(variant: str, seed: int) -> str:

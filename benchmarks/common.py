@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 
 import jax
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_DIR = os.path.join(REPO_DIR, "benchmarks", "results")
 
 
 def time_call(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> float:
@@ -39,7 +40,7 @@ def machine_description() -> str:
 
 def command_line() -> str:
   """The command that ran this script, for the results file."""
-  script = os.path.relpath(sys.argv[0], os.path.dirname(os.path.dirname(RESULTS_DIR)))
+  script = os.path.relpath(sys.argv[0], REPO_DIR)
   module = script.removesuffix(".py").replace(os.sep, ".")
   return " ".join(["python -m", module] + sys.argv[1:])
 

@@ -21,8 +21,7 @@ from lm1b.model import DecoderLM, ModelConfig
 from lm1b.sampling import generate
 from lm1b.tokenizer import BOS_ID
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_GIN = os.path.join(REPO, "gin", "tiny.gin")
+TINY_GIN = os.path.join(common.REPO_DIR, "gin", "tiny.gin")
 
 
 def tiny_config(attention: str, max_len: int) -> ModelConfig:
