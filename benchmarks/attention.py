@@ -1,11 +1,11 @@
 """Speed and memory of hierarchical attention against dense attention, and decoding cost.
 
 In one run: forward and forward+backward (gradient of the sum of the outputs w.r.t. query,
-key and value) wall time and peak memory for batch 4, 1 head, head_dim 64, block 16, float32,
-for `hierarchical_attention` ("sample" and "fine" queries, causal) and
-`jax.nn.dot_product_attention(is_causal=True)`; then the time of one decoding step at
-positions 1k, 4k and 16k (time per token of a jitted loop of consecutive steps), `decode_step`
-against a full-attention KV-cache step.
+key and value) wall time, peak memory and page faults for batch 4, 1 head, head_dim 64,
+block 16, float32, for `hierarchical_attention` ("sample" and "fine" queries, causal; and its
+finest level alone, `num_levels=1`) and `jax.nn.dot_product_attention(is_causal=True)`; then
+the time of one decoding step at positions 1k, 4k and 16k (time per token of a jitted loop of
+consecutive steps), `decode_step` against a full-attention KV-cache step.
 
 Peak memory is the compiled executable's memory analysis: temp + argument + output bytes
 (XLA's static buffer assignment, not a measured resident size).
@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import functools
 import os
+import resource
 
 import jax
 import jax.numpy as jnp
@@ -37,15 +38,20 @@ METHODS = {
                                              query_mode="sample"),
     "hierarchical fine": functools.partial(hierarchical_attention, block_size=BLOCK,
                                            query_mode="fine"),
+    # The finest level alone (each query block against itself and the block before,
+    # exact): what "sample" costs without its coarse levels.
+    "block-local (num_levels=1)": functools.partial(hierarchical_attention, block_size=BLOCK,
+                                                    num_levels=1),
     "dense": functools.partial(jax.nn.dot_product_attention, is_causal=True),
 }
 
 
 @dataclasses.dataclass
 class Measurement:
-  """Median wall milliseconds and peak MiB of one (method, length, pass)."""
+  """Median wall ms, peak MiB and minor page faults per call of one (method, length, pass)."""
   ms: float
   mib: float
+  faults: float
 
 
 def _inputs(length: int):
@@ -67,7 +73,19 @@ def _measure(fn, args, repeats: int) -> Measurement:
   peak = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
           + memory.output_size_in_bytes)
   seconds = common.time_call(lambda: compiled(*args), repeats=repeats)
-  return Measurement(1e3 * seconds, peak / 2**20)
+  return Measurement(1e3 * seconds, peak / 2**20, _page_faults(lambda: compiled(*args)))
+
+
+def _page_faults(call, calls: int = 3) -> float:
+  """Minor page faults of this process per call (fresh memory being mapped).
+
+  Temporaries above glibc's 32 MiB mmap threshold are mapped anew at every call, and
+  each 4 KiB page then faults on first touch.
+  """
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(calls):
+    jax.block_until_ready(call())
+  return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
 
 
 def measure_attention(lengths, repeats: int) -> dict:
@@ -210,10 +228,10 @@ def measure_decoding(positions, repeats: int, steps: int = 64) -> dict:
   return results
 
 
-def _fmt(m: Measurement | None, field: str) -> str:
+def _fmt(m: Measurement | None, field: str, digits: int = 1) -> str:
   if m is None:
     return "skipped (> 2 GiB logits)"
-  return f"{getattr(m, field):.1f}"
+  return f"{getattr(m, field):.{digits}f}"
 
 
 def _ratio(a: float, b: float) -> str:
@@ -230,10 +248,11 @@ def attention_tables(results, lengths) -> list[str]:
       speedup = "" if both is None or dense is None else _ratio(dense.ms, both.ms)
       mem = "" if both is None or dense is None else _ratio(both.mib, dense.mib)
       rows.append([length, method, _fmt(fwd, "ms"), _fmt(both, "ms"), _fmt(fwd, "mib"),
-                   _fmt(both, "mib"), speedup, mem])
+                   _fmt(both, "mib"), _fmt(fwd, "faults", 0), speedup, mem])
   sections = ["## Forward and forward+backward", "", common.markdown_table(
       ["length", "method", "fwd ms", "fwd+bwd ms", "fwd peak MiB", "fwd+bwd peak MiB",
-       "dense / this fwd+bwd time", "this / dense fwd+bwd memory"], rows), ""]
+       "fwd page faults / call", "dense / this fwd+bwd time", "this / dense fwd+bwd memory"],
+      rows), ""]
   if 4096 in lengths and 16384 in lengths:
     growth = []
     for method in METHODS:
@@ -335,7 +354,10 @@ def main() -> None:
           f"Times: median of {repeats} calls after a warm-up call. Peak memory: "
           "`jax.jit(f).lower(...).compile().memory_analysis()`, temp + argument + output "
           "bytes. fwd+bwd is the gradient of the sum of the outputs w.r.t. query, key and "
-          "value. Dense is `jax.nn.dot_product_attention(is_causal=True)`.")
+          "value. Dense is `jax.nn.dot_product_attention(is_causal=True)`. Page faults: "
+          "minor page faults of the process per forward call (mean of 3 calls after the "
+          "timed ones); temporaries above glibc's 32 MiB mmap threshold are mapped afresh, "
+          "and fault page by page, at every call.")
   png = os.path.join(common.RESULTS_DIR, "attention.png")
   os.makedirs(common.RESULTS_DIR, exist_ok=True)
   plot(results, lengths, png)
