@@ -27,7 +27,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 from benchmarks import common  # noqa: E402
-from hattention import decode_step, hierarchical_attention, init_cache  # noqa: E402
+from hattention import (decode_step, hierarchical_attention, init_cache,  # noqa: E402
+                        kv_cache_step)
 
 BATCH, HEADS, HEAD_DIM, BLOCK = 4, 1, 64, 16
 DENSE_LIMIT_BYTES = 2 * 2**30  # skip dense attention whose logits alone exceed this
@@ -102,27 +103,12 @@ def measure_attention(lengths, repeats: int) -> dict:
   return results
 
 
-def _full_attention_step(k_cache, v_cache, query, key, value, position):
-  """One step against a KV cache of [batch * heads, max_len, dim]; returns (out, caches).
-
-  query/key/value: [batch, 1, heads, dim]. The new key/value is written in place at
-  `position` (dynamic_update_slice) and the query attends to slots 0..position (a length
-  mask). Heads are folded into the leading axis so that both products are plain batched
-  matrix-vector products: with a [batch, max_len, heads, dim] cache (below) XLA on CPU
-  copies the whole cache at every step.
-  """
-  batch, _, heads, dim = query.shape
-  query, key, value = (x.reshape(batch * heads, dim) for x in (query, key, value))
-  k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, key[:, None], position, axis=1)
-  v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, value[:, None], position, axis=1)
-  logits = jnp.einsum("nd,nld->nl", query, k_cache) / dim**0.5
-  logits = jnp.where(jnp.arange(k_cache.shape[1]) <= position, logits, -jnp.inf)
-  out = jnp.einsum("nl,nld->nd", jax.nn.softmax(logits, axis=-1), v_cache)
-  return out.reshape(batch, 1, heads, dim), k_cache, v_cache
-
-
 def _naive_full_attention_step(k_cache, v_cache, query, key, value, position):
-  """The same step on a [batch, max_len, heads, dim] cache with dot_product_attention."""
+  """A full-attention step on a [batch, max_len, heads, dim] cache (dot_product_attention).
+
+  XLA on CPU copies the whole cache at every step; `kv_cache_step`'s [batch * heads,
+  max_len, dim] layout avoids the copy.
+  """
   k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, key, position, axis=1)
   v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, value, position, axis=1)
   mask = jnp.arange(k_cache.shape[1]) <= position
@@ -179,8 +165,7 @@ def _bytes(tree) -> int:
 
 
 KV_SHAPES = {  # method: (step, cache shape for a max_length)
-    "full-attention KV cache": (_full_attention_step,
-                                lambda n: (BATCH * HEADS, n, HEAD_DIM)),
+    "full-attention KV cache": (kv_cache_step, lambda n: (BATCH * HEADS, n, HEAD_DIM)),
     "naive KV cache": (_naive_full_attention_step, lambda n: (BATCH, n, HEADS, HEAD_DIM)),
 }
 
@@ -298,7 +283,8 @@ def decoding_table(results, positions, steps: int = 64) -> list[str]:
           f"{steps} consecutive steps from a cache already filled up to the position (the "
           "hierarchical \"sample\" cache by decoding that many tokens), its state donated and "
           f"updated in place; time per token = median call / {steps}. The full-attention "
-          "step writes the new key/value into a [batch * heads, max_length, dim] cache with "
+          "step (`hattention.kv_cache_step`, also the full-attention model's decoding step) "
+          "writes the new key/value into a [batch * heads, max_length, dim] cache with "
           "`dynamic_update_slice` and attends over it with a length mask (two batched "
           "matrix-vector products, no copy of the cache). The naive column is the same step "
           "on a [batch, max_length, heads, dim] cache with `jax.nn.dot_product_attention`, "

@@ -2,5 +2,6 @@
 
 from hattention.attention import hierarchical_attention
 from hattention.decode import decode_step, init_cache
+from hattention.kv_cache import kv_cache_step
 
-__all__ = ["hierarchical_attention", "init_cache", "decode_step"]
+__all__ = ["hierarchical_attention", "init_cache", "decode_step", "kv_cache_step"]

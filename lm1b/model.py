@@ -26,7 +26,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from hattention import decode_step, hierarchical_attention, init_cache
+from hattention import decode_step, hierarchical_attention, init_cache, kv_cache_step
 
 ATTENTION_KINDS = ("hierarchical", "full")
 QUERY_MODES = ("sample", "fine", "mean")
@@ -182,28 +182,18 @@ class SelfAttention(nn.Module):
   def _decode_full(self, query, key, value):
     """One step against a KV cache; query/key/value [batch, 1, heads, head_dim].
 
-    The cache is [batch, heads, max_len, head_dim] (position-major per head), written in place
-    with dynamic_update_slice; the step reads it once with two einsums, softmax in float32.
+    The cache variables are [batch * heads, max_len, head_dim] (see `kv_cache_step`).
     """
     cfg = self.config
-    shape = (query.shape[0], cfg.num_heads, cfg.max_len, cfg.head_dim)
+    shape = (query.shape[0] * cfg.num_heads, cfg.max_len, cfg.head_dim)
     keys = self.variable("cache", "keys", jnp.zeros, shape, cfg.compute_dtype)
     values = self.variable("cache", "values", jnp.zeros, shape,
                            cfg.compute_dtype)
     index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-    i = index.value
-    as_cache = lambda x: x.transpose(0, 2, 1, 3).astype(cfg.compute_dtype)
-    keys.value = jax.lax.dynamic_update_slice(keys.value, as_cache(key), (0, 0, i, 0))
-    values.value = jax.lax.dynamic_update_slice(values.value, as_cache(value),
-                                                (0, 0, i, 0))
-    index.value = i + 1
-    logits = jnp.einsum("bhd,bhld->bhl", query[:, 0], keys.value,
-                        preferred_element_type=jnp.float32) / math.sqrt(cfg.head_dim)
-    logits = jnp.where(jnp.arange(cfg.max_len) <= i, logits, -jnp.inf)
-    probs = jax.nn.softmax(logits, axis=-1).astype(values.value.dtype)
-    out = jnp.einsum("bhl,bhld->bhd", probs, values.value,
-                     preferred_element_type=jnp.float32)
-    return out[:, None].astype(query.dtype)
+    out, keys.value, values.value = kv_cache_step(keys.value, values.value, query,
+                                                  key, value, index.value)
+    index.value = index.value + 1
+    return out
 
   def _decode_hierarchical(self, query, key, value):
     """One step through the hattention decoding cache."""
