@@ -73,8 +73,9 @@ def _measure(fn, args, repeats: int) -> Measurement:
   memory = compiled.memory_analysis()
   peak = (memory.temp_size_in_bytes + memory.argument_size_in_bytes
           + memory.output_size_in_bytes)
-  seconds = common.time_call(lambda: compiled(*args), repeats=repeats)
-  return Measurement(1e3 * seconds, peak / 2**20, _page_faults(lambda: compiled(*args)))
+  call = lambda: compiled(*args)
+  seconds = common.time_call(call, repeats=repeats)
+  return Measurement(1e3 * seconds, peak / 2**20, _page_faults(call))
 
 
 def _page_faults(call, calls: int = 3) -> float:
