@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from lm1b import flops, optim, partitioning, train
+from lm1b import experiment, flops, optim, partitioning, steps
 from lm1b.model import ModelConfig
 
 MODELS = {
@@ -42,18 +42,16 @@ def step_seconds(config: ModelConfig, batch: int, seq_len: int) -> float:
   """Median seconds of one train step of `config` on [batch, seq_len] tokens."""
   mesh = partitioning.make_mesh()
   schedule = optim.make_schedule(learning_rate=1e-4, warmup_steps=10, decay="rsqrt")
-  tx = optim.make_optimizer(schedule)
-  spec = train.make_state_spec(config, tx, mesh, seq_len)
-  step = train.make_train_step(spec, schedule, label_smoothing=0.0, grad_accum_steps=1)
+  spec = experiment.make_state_spec(config, optim.make_optimizer(1, schedule=schedule), mesh)
+  step = steps.make_train_step(spec, label_smoothing=0.0)
   data = {k: jnp.asarray(v) for k, v in random_batch(batch, seq_len, config.vocab_size).items()}
-  holder = [train.init_state(spec, seed=0)]
+  holder = [experiment.init_state(spec, seed=0)]
 
   def run():
     holder[0], metrics = step(holder[0], data)
     return metrics["loss_sum"]
 
-  with train.sharding_context(mesh):
-    return common.time_call(run, repeats=3)
+  return common.time_call(run, repeats=3)
 
 
 def main() -> None:
@@ -65,9 +63,12 @@ def main() -> None:
   parser.add_argument("--out", default=os.path.join(common.RESULTS_DIR, "train_throughput.md"))
   args = parser.parse_args()
 
-  peak = flops.system_peak_flops(jnp.dtype(args.dtype))
-  peak_source = ("f32 matmul measured in this run" if jax.default_backend() == "cpu"
-                 else "device table")
+  if jax.default_backend() == "cpu":
+    peak, peak_source = flops.measure_cpu_matmul_peak(jnp.dtype(args.dtype)), (
+        "f32 matmul measured in this run")
+  else:
+    peak = sum(flops.peak_flops(d.device_kind, args.dtype) or 0 for d in jax.devices())
+    peak_source = "device table"
   print(f"peak {peak:.3g} FLOP/s ({peak_source})", flush=True)
   rows = []
   for name in args.models:

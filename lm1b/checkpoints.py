@@ -22,12 +22,17 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 _LOG = logging.getLogger(__name__)
-_ITEMS = ("state", "data", "config")
+ARRAY_ITEMS = ("params", "opt_state", "train")
+_ITEMS = ARRAY_ITEMS + ("data", "config")
+
+
+class CheckpointError(Exception):
+  """A checkpoint that cannot be used; the message is one line naming it."""
 
 
 class Restored(NamedTuple):
-  """What `Checkpointer.restore` returns."""
-  state: Any
+  """What `Checkpointer.restore` returns: the restored array items by name."""
+  items: dict
   data_state: dict
   config_text: str
   step: int
@@ -77,17 +82,18 @@ class Checkpointer:
     """True on positive multiples of `save_every` not saved yet."""
     return step > 0 and step % self.save_every == 0 and step not in self.all_steps()
 
-  def save(self, step: int, state: Any, data_state: dict, config_text: str,
+  def save(self, step: int, items: dict, data_state: dict, config_text: str,
            force: bool = False) -> bool:
     """Starts saving `step` if `should_save(step)` or `force`; returns whether it did.
 
-    state: PyTree of jax/numpy arrays (no typed PRNG keys: store jax.random.key_data).
-    data_state: JSON-serialisable dict. A step that already exists is never rewritten.
+    items: {name: PyTree of jax/numpy arrays} for the names in ARRAY_ITEMS (no typed PRNG
+    keys: store jax.random.key_data). data_state: JSON-serialisable dict. A step that already
+    exists is never rewritten.
     """
     if step in self.all_steps() or not (force or self.should_save(step)):
       return False
     args = ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
+        **{name: ocp.args.StandardSave(tree) for name, tree in items.items()},
         data=ocp.args.JsonSave(_plain(data_state)),
         config=ocp.args.JsonSave({"gin": config_text}),
     )
@@ -102,10 +108,11 @@ class Checkpointer:
   def step_path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def restore(self, abstract_state: Any, step: int | None = None) -> Restored:
-    """Restores `step` (default: latest) onto the shapes/dtypes/shardings of abstract_state.
+  def restore(self, abstract_items: dict, step: int | None = None) -> Restored:
+    """Restores the given items of `step` (default: latest) onto their abstract shardings.
 
-    abstract_state: PyTree of jax.ShapeDtypeStruct (with .sharding) mirroring the saved state.
+    abstract_items: {name: PyTree of jax.ShapeDtypeStruct (with .sharding)}, a subset of the
+    saved array items (e.g. only "params").
     Raises FileNotFoundError when there is no such step, and whatever orbax raises when the
     step's files are unreadable.
     """
@@ -116,7 +123,7 @@ class Checkpointer:
       raise FileNotFoundError(
           f"no checkpoint step {step} in {self.directory} (have {self.all_steps()})")
     args = ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
+        **{name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()},
         data=ocp.args.JsonRestore(),
         config=ocp.args.JsonRestore(),
     )
@@ -124,9 +131,10 @@ class Checkpointer:
     config = restored["config"]
     if not isinstance(config, dict) or "gin" not in config:
       raise ValueError(f"checkpoint {self.step_path(step)} has no gin config text")
-    return Restored(restored["state"], dict(restored["data"]), config["gin"], step)
+    items = {name: restored[name] for name in abstract_items}
+    return Restored(items, dict(restored["data"]), config["gin"], step)
 
-  def restore_latest_valid(self, abstract_state: Any) -> Restored | None:
+  def restore_latest_valid(self, abstract_items: dict) -> Restored | None:
     """Restores the newest readable step, or None if there is no checkpoint at all.
 
     An unreadable step is reported with one error line naming its directory and the next
@@ -138,7 +146,7 @@ class Checkpointer:
       return None
     for position, step in enumerate(reversed(steps)):
       try:
-        return self.restore(abstract_state, step)
+        return self.restore(abstract_items, step)
       except Exception as error:  # pylint: disable=broad-except
         if position == len(steps) - 1:
           raise ValueError(

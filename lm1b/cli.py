@@ -1,8 +1,11 @@
 """Command lines of the top-level train.py, eval.py and sample.py.
 
 Each entry point parses its flags, parses the gin configuration and calls one library function.
-Exit codes: 0 success, 1 training stopped on a non-finite loss or a failed run, 2 bad flags or
-gin configuration (nothing is written to the workdir in that case).
+Exit codes: 0 success (also a run stopped by SIGTERM/SIGINT with a complete checkpoint),
+1 a failed run (non-finite loss, unreadable data or checkpoints), 2 bad flags, gin bindings or
+configuration values (nothing is written to the workdir in that case), 128 + the signal number
+for a run stopped by a signal before any checkpoint existed. Expected failures print one line
+(`--verbose` adds the traceback).
 
 Configuration:
   train.py   --gin_file (repeatable, default gin/tiny.gin) and --gin_param (repeatable).
@@ -19,20 +22,22 @@ import importlib.util  # noqa: F401  gin needs it to report a missing file prope
 import logging
 import os
 import pathlib
+import signal
 import sys
+import traceback
 from typing import Callable, Sequence
 
 import gin
+import jax
+
+from lm1b import checkpoints, evaluate, paths, sampling, train
+from lm1b.errors import ConfigError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_GIN_FILE = "gin/tiny.gin"
 CONFIG_FILE = "config.gin"
 EXIT_CONFIG_ERROR = 2
 EXIT_FAILURE = 1
-
-
-class ConfigError(Exception):
-  """A flag or gin configuration problem; the message is one line for stderr."""
 
 
 def resolve_gin_file(name: str) -> str:
@@ -57,7 +62,6 @@ def parse_gin(files: Sequence[str], params: Sequence[str]) -> None:
   Includes inside gin files are looked up in the working directory, the repository root and
   its gin/ directory.
   """
-  import lm1b.train  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
   gin.clear_config()
   for search_path in (str(REPO_ROOT), str(REPO_ROOT / "gin")):
     gin.add_config_file_search_path(search_path)
@@ -79,6 +83,8 @@ def _common_parser(description: str) -> argparse.ArgumentParser:
   parser.add_argument("--multihost", action="store_true",
                       help="call jax.distributed.initialize() (multi-host TPU/GPU)")
   parser.add_argument("--log_level", default="INFO", help="Python logging level")
+  parser.add_argument("--verbose", action="store_true",
+                      help="print the traceback of an expected failure too")
   parser.add_argument("--compilation_cache", default=None,
                       help="persistent XLA compilation cache directory (default: "
                            "<data root>/jax_cache; 'none' disables it)")
@@ -91,8 +97,6 @@ def enable_compilation_cache(directory: str | None) -> None:
   None means <data root>/jax_cache (see lm1b.paths); "none" or "" disables the cache.
   JAX_COMPILATION_CACHE_DIR in the environment takes precedence.
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  from lm1b import paths  # pylint: disable=import-outside-toplevel
   if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     return
   if directory is None:
@@ -120,10 +124,13 @@ def configure_logging(level: str) -> None:
   root.setLevel(getattr(logging, str(level).upper(), logging.INFO))
 
 
-def _setup(args: argparse.Namespace) -> None:
+def _setup(args: argparse.Namespace, *, devices: bool = True) -> None:
+  """Logging, and unless devices=False the distributed runtime and the compilation cache."""
   configure_logging(args.log_level)
   for noisy in ("absl", "jax._src", "orbax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  if not devices:
+    return
   if args.multihost or os.environ.get("JAX_COORDINATOR_ADDRESS"):
     init_distributed()
   enable_compilation_cache(args.compilation_cache)
@@ -136,7 +143,6 @@ def init_distributed() -> None:
   passed on when set (e.g. several CPU processes on one machine); unset values are left to
   jax's cluster auto-detection (Cloud TPU, SLURM, ...). CPU collectives use gloo.
   """
-  import jax  # pylint: disable=import-outside-toplevel
   env = os.environ
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(
@@ -163,36 +169,56 @@ def _check_output_dir(path: str | None) -> None:
     raise ConfigError(f"--output {path} is a directory, not a file path")
 
 
-def _run(function: Callable[[], object]) -> int:
+# Expected failures: one line on stderr (the traceback only with --verbose).
+_EXIT_CODES = (
+    (ConfigError, EXIT_CONFIG_ERROR),
+    (ImportError, EXIT_CONFIG_ERROR),  # a missing optional dependency: the line names it
+    (train.NonFiniteLossError, EXIT_FAILURE),
+    (checkpoints.CheckpointError, EXIT_FAILURE),
+    (FileNotFoundError, EXIT_FAILURE),
+    (ValueError, EXIT_FAILURE),
+    (OSError, EXIT_FAILURE),
+)
+
+
+def _run(function: Callable[[], int | None], verbose: bool) -> int:
   """Calls `function`, turning the project's expected failures into exit codes."""
-  from lm1b import train  # pylint: disable=import-outside-toplevel
   try:
-    function()
-  except ConfigError as error:
-    print(f"error: {error}", file=sys.stderr)
-    return EXIT_CONFIG_ERROR
-  except (train.NonFiniteLossError, FileNotFoundError, ValueError) as error:
-    logging.debug("failure", exc_info=True)
+    return function() or 0
+  except tuple(error_type for error_type, _ in _EXIT_CODES) as error:
+    if verbose:
+      traceback.print_exc()
     print(f"error: {_one_line(error)}", file=sys.stderr)
-    return EXIT_FAILURE
-  return 0
+    return next(code for error_type, code in _EXIT_CODES if isinstance(error, error_type))
+
+
+def _train_exit_code(result: train.TrainResult) -> int:
+  """0, or 128 + the signal number for a run stopped before any checkpoint existed."""
+  if result.stopped_by is None or result.checkpoint_step is not None:
+    return 0
+  return 128 + int(getattr(signal, result.stopped_by))
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-  """`python train.py [--gin_file F]... [--gin_param P]... [--workdir DIR]`."""
+  """`python train.py [--gin_file F]... [--gin_param P]... [--workdir DIR] [--prepare_only]`."""
   parser = _common_parser("Train a language model on LM1B (or the embedded corpus).")
   parser.add_argument("--gin_file", action="append", default=None,
                       help=f"gin config file (repeatable; default {DEFAULT_GIN_FILE})")
+  parser.add_argument("--prepare_only", action="store_true",
+                      help="prepare the data (tokenizer, train and test token caches) and "
+                           "exit, without using an accelerator")
   args = parser.parse_args(argv)
   files = [resolve_gin_file(f) for f in (args.gin_file or [DEFAULT_GIN_FILE])]
 
-  def run():
+  def run() -> int:
     parse_gin(files, args.gin_param)
-    _setup(args)
-    from lm1b import train  # pylint: disable=import-outside-toplevel
-    train.train_and_evaluate(args.workdir)
+    _setup(args, devices=not args.prepare_only)
+    if args.prepare_only:
+      train.prepare_only(args.workdir)
+      return 0
+    return _train_exit_code(train.train_and_evaluate(args.workdir))
 
-  return _run(run)
+  return _run(run, args.verbose)
 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
@@ -210,11 +236,10 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     _check_output_dir(args.output)
     parse_gin([_workdir_config(args.workdir)], args.gin_param)
     _setup(args)
-    from lm1b import evaluate  # pylint: disable=import-outside-toplevel
     evaluate.evaluate_workdir(args.workdir, step=args.step, split=args.split,
                               output=args.output)
 
-  return _run(run)
+  return _run(run, args.verbose)
 
 
 def sample_main(argv: Sequence[str] | None = None) -> int:
@@ -237,15 +262,13 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
   def run():
     parse_gin([_workdir_config(args.workdir)], args.gin_param)
     _setup(args)
-    from lm1b import evaluate, sampling  # pylint: disable=import-outside-toplevel
-    loaded = evaluate.load_workdir(args.workdir, args.step)
     prompts = args.prompt or ["the"]
-    texts = sampling.sample_text(
-        loaded.model_config, loaded.params, loaded.inputs.tokenizer, prompts, seed=args.seed,
-        num_samples=args.num_samples, max_length=args.max_length or loaded.model_config.max_len,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    print(f"# step {loaded.step}, seed {args.seed}", flush=True)
+    step, texts = sampling.sample_workdir(
+        args.workdir, prompts, step=args.step, seed=args.seed, num_samples=args.num_samples,
+        max_length=args.max_length, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p)
+    print(f"# step {step}, seed {args.seed}", flush=True)
     for index, text in enumerate(texts):
       print(f"[{prompts[index // args.num_samples]}] {text}", flush=True)
 
-  return _run(run)
+  return _run(run, args.verbose)

@@ -160,21 +160,6 @@ def measure_cpu_matmul_peak(dtype=jnp.float32, size: int = 1024, seconds: float 
   return 2.0 * size**3 * repeats / best
 
 
-def system_peak_flops(dtype=jnp.bfloat16, devices=None, **measure_kwargs) -> float | None:
-  """Summed peak FLOP/s of `devices` (default: all global devices).
-
-  Accelerators use PEAK_FLOPS; on CPU the matmul peak is measured once on this host and
-  counted once per process (simulated CPU devices share the host's cores).
-  None when any device kind is missing from the table.
-  """
-  devices = jax.devices() if devices is None else devices
-  if all(d.platform == "cpu" for d in devices):
-    processes = len({d.process_index for d in devices})
-    return processes * measure_cpu_matmul_peak(**measure_kwargs)
-  peaks = [peak_flops(d.device_kind, dtype) for d in devices]
-  return None if any(p is None for p in peaks) else float(sum(peaks))
-
-
 def mfu(tokens_per_sec: float, flops_per_token: float, peak: float | None) -> float:
   """Model FLOPs utilisation = tokens/s * FLOPs/token / peak FLOP/s (nan without a peak)."""
   if not peak or peak <= 0:

@@ -1,65 +1,125 @@
-"""Wires source -> tokenizer -> token cache -> batches for training and evaluation."""
+"""Data preparation and batches: source -> tokenizer -> token caches -> batches.
+
+`prepare_data` makes every split a run needs ready before its first step: the workdir's
+tokenizer (trained by process 0, the others wait for its file) and the token caches (built by
+one process per data root under a build lock, the others wait for the cache's marker file).
+`train.py --prepare_only` runs it without touching an accelerator.
+"""
 
 import dataclasses
+import logging
 import os
-from typing import Callable
+import pathlib
+import time
+from typing import Iterator
 
 import gin
-import jax
 
-from lm1b import sources, token_cache, tokenizer as tokenizer_lib
-from lm1b.batches import TrainBatches, check_sharding
+from lm1b import batches as batches_lib
+from lm1b import sources, token_cache
+from lm1b import tokenizer as tokenizer_lib
+from lm1b.errors import ConfigError
+
+_LOG = logging.getLogger(__name__)
+WAIT_LOG_EVERY_S = 30.0
 
 
-@dataclasses.dataclass
-class Inputs:
-  """Everything train/eval need from the data side.
+@gin.configurable("build_inputs")
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+  """What the batches look like (gin selector `build_inputs`).
 
-  tokenizer: the workdir's SentencePiece model. train: this process's TrainBatches (resumable
-  via .state()/.restore()). eval_split(split) -> TokenizedSplit (cached, loaded on first use).
+  global_batch: rows per training batch (all processes together); seq_len: positions per row;
+  mode: how rows are filled (lm1b.batches.MODES); seed: the data order;
+  eval_global_batch: rows per evaluation batch (default global_batch).
   """
+  global_batch: int = 64
+  seq_len: int = 128
+  mode: str = "sentence"
+  seed: int = 0
+  eval_global_batch: int | None = None
+
+  def __post_init__(self):
+    for name in ("global_batch", "seq_len"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"build_inputs.{name}={value!r} must be a positive int")
+    if self.eval_global_batch is not None and (
+        not isinstance(self.eval_global_batch, int) or self.eval_global_batch < 1):
+      raise ConfigError(f"build_inputs.eval_global_batch={self.eval_global_batch!r} must be "
+                        "a positive int")
+    if self.mode not in batches_lib.MODES:
+      raise ConfigError(f"build_inputs.mode={self.mode!r} must be one of {batches_lib.MODES}")
+
+  @property
+  def eval_batch(self) -> int:
+    return self.eval_global_batch or self.global_batch
+
+  def check_processes(self, process_count: int) -> None:
+    """ConfigError unless both batch sizes divide among `process_count` processes."""
+    for name, value in (("global_batch", self.global_batch),
+                        ("eval_global_batch", self.eval_batch)):
+      if value % process_count:
+        raise ConfigError(f"build_inputs.{name}={value} must be a multiple of the "
+                          f"{process_count} processes feeding it")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedData:
+  """The tokenizer and the tokenized splits of a run, with a description of each split
+  (which data, how many sentences) for result files."""
   tokenizer: tokenizer_lib.Tokenizer
-  train: TrainBatches
-  seq_len: int
-  eval_global_batch: int
-  source_name: str
-  _load_split: Callable[[str], token_cache.TokenizedSplit] = dataclasses.field(repr=False)
-  _eval_splits: dict = dataclasses.field(default_factory=dict, repr=False)
-
-  def eval_split(self, split: str = "test") -> token_cache.TokenizedSplit:
-    """The tokenized `split` of the source (built into the token cache on first use)."""
-    if split not in self._eval_splits:
-      self._eval_splits[split] = self._load_split(split)
-    return self._eval_splits[split]
+  splits: dict[str, token_cache.TokenizedSplit]
+  descriptions: dict[str, str]
 
 
-@gin.configurable
-def build_inputs(workdir: str | os.PathLike, *, global_batch: int = 64, seq_len: int = 128,
-                 mode: str = "sentence", seed: int = 0, eval_global_batch: int | None = None,
-                 process_index: int | None = None,
-                 process_count: int | None = None) -> Inputs:
-  """Builds the gin-configured source, the workdir tokenizer, the train cache and batches.
+def wait_for_file(path: pathlib.Path, what: str, poll_s: float = 1.0) -> None:
+  """Blocks until `path` exists, logging what it waits for every WAIT_LOG_EVERY_S seconds."""
+  start = last = time.monotonic()
+  while not path.exists():
+    if time.monotonic() - last >= WAIT_LOG_EVERY_S:
+      last = time.monotonic()
+      _LOG.info("waiting for %s (%s) for %.0f s", what, path, last - start)
+    time.sleep(poll_s)
 
-  process_index/process_count default to jax.process_index()/jax.process_count(); global_batch
-  and eval_global_batch (default global_batch) must be multiples of process_count.
+
+def prepare_tokenizer(workdir: str | os.PathLike, source: sources.SentenceSource, *,
+                      is_chief: bool) -> tokenizer_lib.Tokenizer:
+  """The workdir's tokenizer: trained by the chief process if absent, waited for by others."""
+  path = pathlib.Path(workdir) / tokenizer_lib.MODEL_FILENAME
+  if is_chief:
+    return tokenizer_lib.load_or_train_tokenizer(workdir, source)
+  wait_for_file(path, "the tokenizer, trained by process 0")
+  return tokenizer_lib.load_tokenizer(path)
+
+
+def prepare_data(workdir: str | os.PathLike, source: sources.SentenceSource,
+                 splits: tuple[str, ...], *, is_chief: bool = True,
+                 tokenizer: tokenizer_lib.Tokenizer | None = None) -> PreparedData:
+  """Tokenizer and token caches of `splits`, all ready when this returns (see module doc).
+
+  tokenizer: an already loaded tokenizer (evaluation) instead of the workdir's.
   """
-  process_index = jax.process_index() if process_index is None else process_index
-  process_count = jax.process_count() if process_count is None else process_count
-  eval_global_batch = global_batch if eval_global_batch is None else eval_global_batch
-  check_sharding(global_batch, process_index, process_count)
-  try:
-    check_sharding(eval_global_batch, process_index, process_count)
-  except ValueError as e:
-    raise ValueError(f"eval_global_batch: {e}") from None
-  source = sources.make_source()
-  tokenizer = tokenizer_lib.load_or_train_tokenizer(workdir, source)
+  if tokenizer is None:
+    tokenizer = prepare_tokenizer(workdir, source, is_chief=is_chief)
+  tokenized = {split: token_cache.load_or_build_tokenized(source, split, tokenizer)
+               for split in splits}
+  descriptions = {split: f"{source.describe(split)} ({len(tokenized[split])} sentences)"
+                  for split in splits}
+  return PreparedData(tokenizer, tokenized, descriptions)
 
-  def load_split(split: str) -> token_cache.TokenizedSplit:
-    return token_cache.load_or_build_tokenized(source, split, tokenizer)
 
-  train = TrainBatches(load_split("train"), global_batch=global_batch, seq_len=seq_len,
-                       mode=mode, seed=seed, process_index=process_index,
-                       process_count=process_count)
-  return Inputs(tokenizer=tokenizer, train=train, seq_len=seq_len,
-                eval_global_batch=eval_global_batch, source_name=source.name,
-                _load_split=load_split)
+def train_batches(split: token_cache.TokenizedSplit, config: InputConfig, *,
+                  process_index: int, process_count: int) -> batches_lib.TrainBatches:
+  """This process's rows of the run's training batches (resumable, see TrainBatches)."""
+  return batches_lib.TrainBatches(
+      split, global_batch=config.global_batch, seq_len=config.seq_len, mode=config.mode,
+      seed=config.seed, process_index=process_index, process_count=process_count)
+
+
+def eval_batches(split: token_cache.TokenizedSplit, config: InputConfig, *,
+                 process_index: int, process_count: int) -> Iterator[dict]:
+  """This process's rows of the batches that score every sentence of `split` once."""
+  return batches_lib.eval_batches(
+      split, global_batch=config.eval_batch, seq_len=config.seq_len,
+      process_index=process_index, process_count=process_count)

@@ -105,43 +105,31 @@ def _si(value: float) -> str:
   return f"{value:.0f}"
 
 
-def format_progress(step: int, total_steps: int, metrics: Mapping[str, float],
-                    steps_per_sec: float) -> str:
+def format_progress(step: int, total_steps: int, metrics: Mapping[str, float]) -> str:
   """One console line, e.g.
-  'step 1200/10000 12.0% | loss 3.412 | ppl 30.3 | lr 1.0e-03 | 45.2k tok/s | MFU 31.2%
-  | 2.15 step/s | ETA 1:08:12'.
+  'step 1200/10000 12.0% | loss 3.4120 | ppl 30.30 | lr 1.00e-03 | 45.2k tok/s (fill 87%)
+  | MFU 31.2% real, 35.9% slots | 2.15 step/s | ETA 1:08:12'.
 
-  metrics keys used when present: loss, perplexity (else exp(loss)), learning_rate,
-  tokens_per_sec, mfu (a fraction).
+  metrics keys used when present: loss, per_token_perplexity (else exp(loss)),
+  learning_rate, tokens_per_sec (real tokens), fill, mfu_real_tokens and mfu_all_slots
+  (fractions), steps_per_sec (the ETA is unknown without it).
   """
   parts = [f"step {step}/{total_steps} {100.0 * step / max(total_steps, 1):.1f}%"]
   if "loss" in metrics:
     loss = float(metrics["loss"])
     parts.append(f"loss {loss:.4f}")
-    parts.append(f"ppl {float(metrics.get('perplexity', perplexity(loss))):.2f}")
+    parts.append(f"ppl {float(metrics.get('per_token_perplexity', perplexity(loss))):.2f}")
   if "learning_rate" in metrics:
     parts.append(f"lr {float(metrics['learning_rate']):.2e}")
   if "tokens_per_sec" in metrics:
-    parts.append(f"{_si(float(metrics['tokens_per_sec']))} tok/s")
-  if metrics.get("mfu") is not None and math.isfinite(float(metrics["mfu"])):
-    parts.append(f"MFU {100.0 * float(metrics['mfu']):.1f}%")
-  parts.append(f"{steps_per_sec:.2f} step/s")
+    fill = f" (fill {100.0 * float(metrics['fill']):.0f}%)" if "fill" in metrics else ""
+    parts.append(f"{_si(float(metrics['tokens_per_sec']))} tok/s{fill}")
+  if "mfu_real_tokens" in metrics and "mfu_all_slots" in metrics:
+    parts.append(f"MFU {100.0 * float(metrics['mfu_real_tokens']):.1f}% real, "
+                 f"{100.0 * float(metrics['mfu_all_slots']):.1f}% slots")
+  steps_per_sec = float(metrics.get("steps_per_sec", 0.0))
+  if steps_per_sec > 0:
+    parts.append(f"{steps_per_sec:.2f} step/s")
   remaining = (total_steps - step) / steps_per_sec if steps_per_sec > 0 else math.inf
   parts.append(f"ETA {format_duration(remaining)}")
   return " | ".join(parts)
-
-
-class ProgressLine:
-  """Formats progress lines, measuring steps/s between successive calls."""
-
-  def __init__(self, total_steps: int, start_step: int = 0):
-    self.total_steps = total_steps
-    self._last_step = start_step
-    self._last_time = time.perf_counter()
-
-  def __call__(self, step: int, metrics: Mapping[str, float]) -> str:
-    now = time.perf_counter()
-    elapsed = now - self._last_time
-    rate = (step - self._last_step) / elapsed if elapsed > 0 else 0.0
-    self._last_step, self._last_time = step, now
-    return format_progress(step, self.total_steps, metrics, rate)

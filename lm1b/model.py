@@ -13,9 +13,12 @@ hierarchical kernel has no segment isolation yet and only uses
 call `check_packing_supported(config, mode)`; the check cannot live inside the
 model because segment values are traced.
 
-Activation sharding constraints (`nn.with_logical_constraint`) take effect
-only inside `nn.logical_axis_rules(...)` with a mesh in context; otherwise
-they are no-ops.
+Activations carry logical sharding constraints (`nn.with_logical_constraint`):
+the residual stream ('batch', 'length', 'embed'), queries/keys/values ('batch',
+'length', 'heads', 'kv'), the MLP's hidden units ('batch', 'length', 'mlp')
+and the logits ('batch', 'length', 'vocab'). They take effect inside
+`lm1b.partitioning.mesh_context` (mesh and rules in context) and are no-ops
+elsewhere.
 """
 
 import dataclasses
@@ -32,6 +35,7 @@ ATTENTION_KINDS = ("hierarchical", "full")
 QUERY_MODES = ("sample", "fine", "mean")
 BATCH_MODES = ("sentence", "packed")
 ACTIVATION_AXES = ("batch", "length", "embed")
+HEAD_AXES = ("batch", "length", "heads", "kv")
 
 
 @gin.configurable
@@ -159,6 +163,37 @@ class Projection(nn.Module):
     return y + bias.astype(self.dtype)
 
 
+class Embedding(nn.Module):
+  """Lookup table [num, features] float32 with logical axes `names`, N(0, 0.02) init.
+
+  ids [...] int -> [..., features] in `dtype`. Before the lookup the table is constrained to
+  be whole along `features` (sharded along `num` only): looking rows up in a table sharded
+  along both axes leaves the result sharded along features, and turning that into the
+  batch-sharded activation the model needs makes XLA replicate it first (measured with
+  benchmarks/sharding.py on a 2x2x2 mesh).
+  """
+
+  num: int
+  features: int
+  names: tuple
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    init = nn.with_logical_partitioning(nn.initializers.normal(0.02), self.names)
+    self.embedding = self.param("embedding", init, (self.num, self.features), jnp.float32)
+
+  def _table(self):
+    table = self.embedding.astype(self.dtype)
+    return nn.with_logical_constraint(table, (self.names[0], None))
+
+  def __call__(self, ids):
+    return jnp.take(self._table(), ids, axis=0)
+
+  def attend(self, x):
+    """x [..., features] -> [..., num]: scores against every row (tied output layer)."""
+    return jnp.einsum("...f,nf->...n", x.astype(self.dtype), self._table())
+
+
 def _layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(
       dtype=config.compute_dtype, param_dtype=jnp.float32, name=name,
@@ -174,10 +209,11 @@ class SelfAttention(nn.Module):
   decode: bool = False
 
   def _project(self, x, name):
+    """x [batch, length, d_model] -> [batch, length, heads, head_dim]."""
     cfg = self.config
-    return Projection((cfg.d_model,), (cfg.num_heads, cfg.head_dim),
-                      ("embed", "heads", "kv"), cfg.compute_dtype,
-                      name=name)(x)
+    y = Projection((cfg.d_model,), (cfg.num_heads, cfg.head_dim),
+                   ("embed", "heads", "kv"), cfg.compute_dtype, name=name)(x)
+    return nn.with_logical_constraint(y, HEAD_AXES)
 
   def _decode_full(self, query, key, value):
     """One step against a KV cache; query/key/value [batch, 1, heads, head_dim].
@@ -235,7 +271,7 @@ class MLP(nn.Module):
     cfg = self.config
     h = Projection((cfg.d_model,), (cfg.d_ff,), ("embed", "mlp"),
                    cfg.compute_dtype, name="wi")(x)
-    h = nn.gelu(h)
+    h = nn.with_logical_constraint(nn.gelu(h), ("batch", "length", "mlp"))
     h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
     return Projection((cfg.d_ff,), (cfg.d_model,), ("mlp", "embed"),
                       cfg.compute_dtype, name="wo")(h)
@@ -294,16 +330,10 @@ class DecoderLM(nn.Module):
       if self.decode:
         raise ValueError("positions are required in decode mode")
       positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
-    embed = nn.Embed(
-        cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
-        param_dtype=jnp.float32, name="token_embed",
-        embedding_init=nn.with_logical_partitioning(
-            nn.initializers.normal(0.02), ("vocab", "embed")))
-    position_embed = nn.Embed(
-        cfg.max_len, cfg.d_model, dtype=cfg.compute_dtype,
-        param_dtype=jnp.float32, name="position_embed",
-        embedding_init=nn.with_logical_partitioning(
-            nn.initializers.normal(0.02), ("length", "embed")))
+    embed = Embedding(cfg.vocab_size, cfg.d_model, ("vocab", "embed"),
+                      cfg.compute_dtype, name="token_embed")
+    position_embed = Embedding(cfg.max_len, cfg.d_model, ("length", "embed"),
+                               cfg.compute_dtype, name="position_embed")
     x = embed(inputs) + position_embed(positions)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
@@ -317,6 +347,7 @@ class DecoderLM(nn.Module):
       logits = Projection((cfg.d_model,), (cfg.vocab_size,),
                           ("embed", "vocab"), cfg.compute_dtype,
                           name="output")(x)
+    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
     return logits.astype(jnp.float32)
 
 

@@ -1,36 +1,54 @@
 """Learning-rate schedules, the AdamW optimizer and the language-modelling loss."""
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import gin
 import jax
 import jax.numpy as jnp
 import optax
 
+from lm1b.errors import ConfigError
+
 Schedule = Callable[[jax.typing.ArrayLike], jax.Array]
 DECAYS = ("rsqrt", "cosine", "constant")
 _NO_DECAY_NAMES = ("bias", "scale")
 
 
-@gin.configurable
-def make_schedule(*, learning_rate: float = 1e-3, warmup_steps: int = 1000,
-                  decay: str = "rsqrt", total_steps: int | None = None,
-                  final_fraction: float = 0.0) -> Schedule:
+class Optimizer(NamedTuple):
+  """The optimizer of a run: the optax transformation, its learning-rate schedule (of the
+  number of applied updates) and how many train steps make one update."""
+  tx: optax.GradientTransformation
+  schedule: Schedule
+  grad_accum_steps: int
+
+
+@gin.configurable(denylist=["num_updates"])
+def make_schedule(num_updates: int | None = None, *, learning_rate: float = 1e-3,
+                  warmup_steps: int = 1000, decay: str = "rsqrt",
+                  total_steps: int | None = None, final_fraction: float = 0.0) -> Schedule:
   """Linear warmup from 0 to `learning_rate` over `warmup_steps`, then `decay`.
 
   rsqrt:    learning_rate * sqrt(warmup_steps / step) after warmup.
   cosine:   half cosine from learning_rate to learning_rate * final_fraction at total_steps,
             constant afterwards (needs total_steps > warmup_steps).
   constant: learning_rate after warmup.
+  num_updates: the optimizer updates of the run, if known: total_steps defaults to it, and a
+  warmup that the run would never finish is a ConfigError.
   Returns a function of the (int) step giving a float32 scalar; usable under jit.
   """
   if decay not in DECAYS:
-    raise ValueError(f"unknown learning-rate decay {decay!r}; expected one of {DECAYS}")
+    raise ConfigError(f"make_schedule.decay={decay!r} is unknown; expected one of {DECAYS}")
   if warmup_steps < 0:
-    raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
+    raise ConfigError(f"make_schedule.warmup_steps={warmup_steps} must be >= 0")
+  if num_updates is not None and warmup_steps >= num_updates:
+    raise ConfigError(f"make_schedule.warmup_steps={warmup_steps} is not shorter than the "
+                      f"run's {num_updates} optimizer updates (train_and_evaluate.num_steps / "
+                      "make_optimizer.grad_accum_steps): the warmup would never finish")
+  if total_steps is None:
+    total_steps = num_updates
   if decay == "cosine" and (total_steps is None or total_steps <= warmup_steps):
-    raise ValueError(f"decay='cosine' needs total_steps > warmup_steps={warmup_steps}, "
-                     f"got total_steps={total_steps}")
+    raise ConfigError(f"make_schedule.decay='cosine' needs total_steps > warmup_steps="
+                      f"{warmup_steps}, got total_steps={total_steps}")
   warm = float(max(warmup_steps, 1))
 
   def schedule(step):
@@ -70,26 +88,32 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-@gin.configurable
-def make_optimizer(schedule: Schedule | float, *, weight_decay: float = 0.1,
-                   clip_norm: float = 1.0, b1: float = 0.9, b2: float = 0.98,
-                   eps: float = 1e-9, grad_accum_steps: int = 1
-                   ) -> optax.GradientTransformation:
+@gin.configurable(denylist=["num_steps", "schedule"])
+def make_optimizer(num_steps: int, *, schedule: Schedule | float | None = None,
+                   weight_decay: float = 0.1, clip_norm: float = 1.0, b1: float = 0.9,
+                   b2: float = 0.98, eps: float = 1e-9, grad_accum_steps: int = 1) -> Optimizer:
   """Global-norm clipping then AdamW (decoupled weight decay on matrices only).
 
-  clip_norm <= 0 disables clipping. With grad_accum_steps = k > 1 the chain is wrapped in
-  optax.MultiSteps: gradients of k consecutive update() calls are averaged and applied once
-  (the k-1 intermediate calls return zero updates); the schedule counts applied updates.
+  num_steps: train steps of the run; the schedule (default: `make_schedule` with its gin
+  bindings) counts the num_steps // grad_accum_steps applied updates. clip_norm <= 0 disables
+  clipping. With grad_accum_steps = k > 1 the chain is wrapped in optax.MultiSteps: gradients
+  of k consecutive update() calls are averaged and applied once (the k - 1 intermediate calls
+  return zero updates).
   """
-  if grad_accum_steps < 1:
-    raise ValueError(f"grad_accum_steps={grad_accum_steps} must be >= 1")
+  if not isinstance(grad_accum_steps, int) or grad_accum_steps < 1:
+    raise ConfigError(f"make_optimizer.grad_accum_steps={grad_accum_steps!r} must be an int "
+                      ">= 1")
+  if schedule is None:
+    schedule = make_schedule(max(num_steps // grad_accum_steps, 1))
   parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm > 0 else []
   parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                            mask=weight_decay_mask))
   tx = optax.chain(*parts)
   if grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=grad_accum_steps).gradient_transformation()
-  return tx
+  if not callable(schedule):
+    schedule = optax.constant_schedule(schedule)
+  return Optimizer(tx, schedule, grad_accum_steps)
 
 
 def cross_entropy_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array,

@@ -4,10 +4,19 @@ Mesh axes: "data" (pure data parallelism), "fsdp" (data parallelism with
 parameters sharded along 'embed'), "tensor" (model parallelism over heads,
 MLP hidden units and vocabulary). Batch rows are split over data x fsdp;
 `batch_shard` says which rows each process feeds.
+
+Every piece of model code (init, train step, evaluation, sampling) is traced
+inside `mesh_context(mesh)`: the mesh and LOGICAL_AXIS_RULES are then in
+context, so the model's `nn.with_logical_constraint` calls pin its activations
+(batch rows over data x fsdp, heads / MLP units / vocabulary over tensor).
+Without the rules those constraints are no-ops and XLA guesses activation
+shardings from the parameters, which under fsdp or tensor parallelism costs
+gigabytes of collectives per step (see benchmarks/sharding.py).
 """
 
+import contextlib
 import math
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -15,6 +24,8 @@ import flax.linen as nn
 import gin
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
+
+from lm1b.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -29,6 +40,30 @@ LOGICAL_AXIS_RULES = (
 )
 
 
+@contextlib.contextmanager
+def mesh_context(mesh: jax.sharding.Mesh) -> Iterator[None]:
+  """The mesh and the logical axis rules in context, for tracing model code."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_AXIS_RULES):
+    yield
+
+
+class MeshJit:
+  """`jax.jit(fn, **options)` that is always traced, lowered and run in mesh_context(mesh)."""
+
+  def __init__(self, fn, mesh: jax.sharding.Mesh, **options):
+    self.mesh = mesh
+    self.jitted = jax.jit(fn, **options)
+
+  def __call__(self, *args):
+    with mesh_context(self.mesh):
+      return self.jitted(*args)
+
+  def lower(self, *args):
+    """The lowered computation for (abstract) args, e.g. to compile and analyse it."""
+    with mesh_context(self.mesh):
+      return self.jitted.lower(*args)
+
+
 @gin.configurable
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
               devices=None) -> jax.sharding.Mesh:
@@ -41,18 +76,18 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
   sizes = (data, fsdp, tensor)
   count = len(devices)
   if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
-    raise ValueError(f"mesh sizes data={data}, fsdp={fsdp}, tensor={tensor} "
-                     "must be positive, with at most one -1")
+    raise ConfigError(f"make_mesh sizes data={data}, fsdp={fsdp}, tensor={tensor} "
+                      "must be positive, with at most one -1")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if count % known:
-      raise ValueError(f"mesh sizes data={data}, fsdp={fsdp}, tensor={tensor}"
-                       f" do not divide the device count {count}")
+      raise ConfigError(f"make_mesh sizes data={data}, fsdp={fsdp}, tensor={tensor}"
+                        f" do not divide the device count {count}")
     sizes = tuple(count // known if s == -1 else s for s in sizes)
   if math.prod(sizes) != count:
-    raise ValueError(f"mesh sizes data={data}, fsdp={fsdp}, tensor={tensor} "
-                     f"multiply to {math.prod(sizes)}, not the device count "
-                     f"{count}")
+    raise ConfigError(f"make_mesh sizes data={data}, fsdp={fsdp}, tensor={tensor} "
+                      f"multiply to {math.prod(sizes)}, not the device count "
+                      f"{count}")
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
 
@@ -112,5 +147,3 @@ def state_shardings(mesh: jax.sharding.Mesh, abstract_state):
   specs = nn.get_partition_spec(abstract_state)
   return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_AXIS_RULES)
 
-
-param_shardings = state_shardings

@@ -14,6 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm1b import experiment
+from lm1b import input_pipeline
+from lm1b import partitioning
 from lm1b.model import DecoderLM, ModelConfig
 from lm1b.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -165,3 +168,18 @@ def sample_text(model_config: ModelConfig, params, tokenizer, prompts, *,
     end = length + stops[0] if stops.size else len(row)
     texts.append(tokenizer.decode(row[:end].tolist()))
   return texts
+
+
+def sample_workdir(workdir: str, prompts: list[str], *, step: int | None = None,
+                   max_length: int | None = None, **options) -> tuple[int, list[str]]:
+  """(checkpoint step, texts): `sample_text` with a workdir's tokenizer and parameters.
+
+  gin must hold the workdir's config.gin. Only the parameters are restored; no data is read.
+  max_length defaults to the model's max_len; options go to `sample_text`.
+  """
+  loaded = experiment.load_trained(workdir, ModelConfig(),
+                                   input_pipeline.InputConfig().seq_len, step=step)
+  with partitioning.mesh_context(loaded.mesh):
+    texts = sample_text(loaded.model_config, loaded.params, loaded.tokenizer, prompts,
+                        max_length=max_length or loaded.model_config.max_len, **options)
+  return loaded.step, texts

@@ -130,12 +130,16 @@ class SentenceSource(abc.ABC):
   def fingerprint(self, split: str) -> str:
     """A stable hex digest that changes when the split's data changes (for cache keys)."""
 
+  def describe(self, split: str) -> str:
+    """Which data `split` is, in words (for result files)."""
+    return f"{self.name} {split}"
+
 
 class _FileSource(SentenceSource):
   """A source whose splits are lists of files, checked when the source is built."""
 
   def __init__(self, files: dict[str, list[pathlib.Path]], origin: dict[str, str]):
-    for split in SPLITS:
+    for split in files:
       if all(path.stat().st_size == 0 for path in files[split]):
         names = ", ".join(map(str, files[split]))
         raise ValueError(f"{self.name}: every {split} file is empty: {names}")
@@ -144,7 +148,14 @@ class _FileSource(SentenceSource):
 
   def files(self, split: str) -> list[pathlib.Path]:
     _check_split(split)
+    if split not in self._files:
+      raise ValueError(f"{self.name}: the {split} split was not opened (splits "
+                       f"{sorted(self._files)})")
     return list(self._files[split])
+
+  def describe(self, split: str) -> str:
+    names = ", ".join(path.name for path in self.files(split))
+    return f"{self.name} {split}: {names}"
 
   def sentences(self, split: str) -> Iterator[str]:
     count = 0
@@ -169,25 +180,35 @@ class TarballSource(_FileSource):
 
   train = every training-monolingual.tokenized.shuffled/news.en-*-of-* shard, sorted;
   test = the heldout shards numbered in `test_shards` (default 00000, the literature's test set).
+  Only the directories of `splits` must exist.
   """
 
-  def __init__(self, path: str | os.PathLike, test_shards: Sequence[int] = (0,)):
+  def __init__(self, path: str | os.PathLike, test_shards: Sequence[int] = (0,),
+               splits: Sequence[str] = SPLITS):
     self.path = pathlib.Path(path)
     self.name = f"tarball:{self.path}"
-    train_dir = self.path / corpus.TRAIN_DIR
-    heldout_dir = self.path / corpus.HELDOUT_DIR
-    for directory in (self.path, train_dir, heldout_dir):
-      if not directory.is_dir():
-        raise FileNotFoundError(f"LM1B tarball directory not found: {directory}")
-    train_pattern = str(train_dir / "news.en-?????-of-?????")
-    train = sorted(pathlib.Path(p) for p in glob.glob(train_pattern))
-    if not train:
-      raise FileNotFoundError(f"no LM1B training shards match {train_pattern}")
-    if not test_shards:
-      raise ValueError(f"{self.name}: test_shards is empty")
-    test = [self._heldout_shard(heldout_dir, int(i)) for i in test_shards]
-    super().__init__({"train": train, "test": test},
-                     {"train": train_pattern, "test": ", ".join(map(str, test))})
+    if not self.path.is_dir():
+      raise FileNotFoundError(f"LM1B tarball directory not found: {self.path}")
+    files, origin = {}, {}
+    if "train" in splits:
+      train_dir = self._directory(corpus.TRAIN_DIR)
+      origin["train"] = str(train_dir / "news.en-?????-of-?????")
+      files["train"] = sorted(pathlib.Path(p) for p in glob.glob(origin["train"]))
+      if not files["train"]:
+        raise FileNotFoundError(f"no LM1B training shards match {origin['train']}")
+    if "test" in splits:
+      if not test_shards:
+        raise ValueError(f"{self.name}: test_shards is empty")
+      heldout_dir = self._directory(corpus.HELDOUT_DIR)
+      files["test"] = [self._heldout_shard(heldout_dir, int(i)) for i in test_shards]
+      origin["test"] = ", ".join(map(str, files["test"]))
+    super().__init__(files, origin)
+
+  def _directory(self, name: str) -> pathlib.Path:
+    directory = self.path / name
+    if not directory.is_dir():
+      raise FileNotFoundError(f"LM1B tarball directory not found: {directory}")
+    return directory
 
   @staticmethod
   def _heldout_shard(heldout_dir: pathlib.Path, index: int) -> pathlib.Path:
@@ -202,26 +223,32 @@ class EmbeddedSource(TarballSource):
   """The project's synthetic grammar corpus (see lm1b.corpus), generated on first use."""
 
   def __init__(self, root: str | os.PathLike | None = None, test_shards: Sequence[int] = (0,),
-               *, scale: float = 1.0):
+               *, scale: float = 1.0, splits: Sequence[str] = SPLITS):
     path = corpus.ensure_embedded_corpus(
         pathlib.Path(root) if root is not None else None, scale=scale)
-    super().__init__(path, test_shards)
+    super().__init__(path, test_shards, splits)
     self.name = path.name
 
 
 class TextSource(_FileSource):
   """Plain UTF-8 text files, one sentence per line, selected by a glob per split (sorted)."""
 
-  def __init__(self, train_glob: str, test_glob: str):
+  def __init__(self, train_glob: str | None, test_glob: str | None,
+               splits: Sequence[str] = SPLITS):
     self.name = f"text:{train_glob}"
-    files = {}
+    files, origin = {}, {}
     for split, pattern in (("train", train_glob), ("test", test_glob)):
+      if split not in splits:
+        continue
+      if pattern is None:
+        raise ValueError(f"make_source(kind='text') needs {split}_glob")
       found = glob.glob(os.path.expanduser(pattern), recursive=True)
       matches = sorted(pathlib.Path(p) for p in found)
       files[split] = [p for p in matches if p.is_file()]
+      origin[split] = pattern
       if not files[split]:
         raise FileNotFoundError(f"{split} glob matches no files: {pattern}")
-    super().__init__(files, {"train": train_glob, "test": test_glob})
+    super().__init__(files, origin)
 
 
 def _import_tfds():
@@ -268,27 +295,27 @@ class TfdsSource(SentenceSource):
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-@gin.configurable
+@gin.configurable(denylist=["splits"])
 def make_source(kind: str = "embedded", path: str | None = None, train_glob: str | None = None,
                 test_glob: str | None = None, test_shards: Sequence[int] = (0,),
-                tfds_name: str = "lm1b", tfds_data_dir: str | None = None) -> SentenceSource:
+                tfds_name: str = "lm1b", tfds_data_dir: str | None = None,
+                splits: Sequence[str] = SPLITS) -> SentenceSource:
   """Builds the source named by `kind`: "embedded", "tarball", "text" or "tfds".
 
   embedded: the synthetic corpus under `path` (a data root; default data_root()).
   tarball: the extracted LM1B directory `path`, test = heldout shards `test_shards`.
   text: files matching `train_glob` / `test_glob`.
   tfds: tfds.load(`tfds_name`, data_dir=`tfds_data_dir`).
+  splits: the splits the caller will read (file sources check only their files).
   """
   if kind == "embedded":
-    return EmbeddedSource(path, test_shards)
+    return EmbeddedSource(path, test_shards, splits=splits)
   if kind == "tarball":
     if path is None:
       raise ValueError("make_source(kind='tarball') needs path (the extracted LM1B directory)")
-    return TarballSource(path, test_shards)
+    return TarballSource(path, test_shards, splits)
   if kind == "text":
-    if train_glob is None or test_glob is None:
-      raise ValueError("make_source(kind='text') needs both train_glob and test_glob")
-    return TextSource(train_glob, test_glob)
+    return TextSource(train_glob, test_glob, splits)
   if kind == "tfds":
     return TfdsSource(tfds_name, tfds_data_dir)
   raise ValueError(f"unknown source kind {kind!r}; expected embedded, tarball, text or tfds")

@@ -24,8 +24,9 @@ def _state(seed: int):
                       "bias": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}}
   opt_state = {"mu": jax.tree.map(lambda x: x * 0.5, params),
                "count": jnp.asarray(seed, jnp.int32)}
-  return {"params": params, "opt_state": opt_state, "step": jnp.asarray(seed, jnp.int32),
-          "rng": jax.random.key_data(jax.random.key(seed))}
+  return {"params": params, "opt_state": opt_state,
+          "train": {"step": jnp.asarray(seed, jnp.int32),
+                    "rng": jax.random.key_data(jax.random.key(seed))}}
 
 
 def _abstract(state):
@@ -65,7 +66,7 @@ def test_round_trip_async(tmp_path):
   # A fresh Checkpointer on the same directory sees the step.
   again = checkpoints.Checkpointer(tmp_path / "ckpt", keep=2, async_save=False)
   assert again.latest_step() == 5
-  _assert_tree_equal(again.restore_latest_valid(_abstract(_state(0))).state, _state(5))
+  _assert_tree_equal(again.restore_latest_valid(_abstract(_state(0))).items, _state(5))
   again.close()
 
 
@@ -74,7 +75,7 @@ def test_keep_last_k(tmp_path):
   _save_steps(ckpt, [1, 2, 3, 4])
   assert ckpt.all_steps() == [3, 4]
   assert sorted(int(n) for n in os.listdir(tmp_path) if n.isdigit()) == [3, 4]
-  _assert_tree_equal(ckpt.restore(_abstract(_state(0)), step=3).state, _state(3))
+  _assert_tree_equal(ckpt.restore(_abstract(_state(0)), step=3).items, _state(3))
   with pytest.raises(FileNotFoundError, match="step 1"):
     ckpt.restore(_abstract(_state(0)), step=1)
   ckpt.close()
@@ -112,7 +113,7 @@ def test_corrupt_latest_falls_back(tmp_path, caplog, damage):
     restored = ckpt.restore_latest_valid(_abstract(_state(0)))
   assert restored.step == 10 and restored.config_text == "cfg 10"
   assert restored.data_state == {"epoch": 10, "index": 7}
-  _assert_tree_equal(restored.state, _state(10))
+  _assert_tree_equal(restored.items, _state(10))
   errors = [r for r in caplog.records if r.name == "lm1b.checkpoints"]
   assert len(errors) == 1 and errors[0].levelno == logging.ERROR
   assert ckpt.step_path(20) in errors[0].getMessage()

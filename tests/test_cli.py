@@ -24,7 +24,7 @@ def trained(micro, tmp_path_factory):  # pylint: disable=redefined-outer-name
   corpus_dir, _ = micro
   workdir = tmp_path_factory.mktemp("run") / "workdir"
   params = micro_params(corpus_dir, num_steps=NUM_STEPS, eval_every=2, sample_every=2,
-                        checkpoint_every=2)
+                        checkpoint_every=2, peak_flops_per_device=1e11)
   assert cli.train_main(["--workdir", str(workdir), *gin_flags(params)]) == 0
   return workdir
 
@@ -45,9 +45,14 @@ def test_tensorboard_files_are_readable(trained):
   accumulator.Reload()
   scalars = accumulator.Tags()["scalars"]
   for tag in ("train/loss", "train/per_token_perplexity", "train/learning_rate",
-              "train/grad_norm", "train/tokens_per_sec", "train/step_time_sec", "train/mfu",
+              "train/grad_norm", "train/tokens_per_sec", "train/step_time_sec", "train/fill",
+              "train/mfu_real_tokens", "train/mfu_all_slots",
               "eval/loss", "eval/per_token_perplexity", "eval/per_word_perplexity"):
     assert tag in scalars, tag
+  value = lambda tag: {e.step: e.value for e in accumulator.Scalars(tag)}
+  fill, real, slots = (value(f"train/{t}") for t in ("fill", "mfu_real_tokens", "mfu_all_slots"))
+  for step in fill:  # real-token MFU = all-slot MFU x fill (sentence rows: mostly padding)
+    assert 0 < fill[step] < 1 and real[step] == pytest.approx(slots[step] * fill[step], rel=1e-4)
   assert [e.step for e in accumulator.Scalars("train/loss")] == list(range(1, NUM_STEPS + 1))
   assert [e.step for e in accumulator.Scalars("eval/loss")] == [2, NUM_STEPS]
   assert "samples" in accumulator.Tags()["tensors"], accumulator.Tags()
@@ -63,7 +68,10 @@ def test_eval_scores_the_whole_split_again(trained, capsys):
   again = json.loads((trained / f"eval_test_{NUM_STEPS}.json").read_text())
   assert again["tokens"] == final["tokens"] and again["words"] == final["words"]
   assert again["loss"] == pytest.approx(final["loss"], rel=1e-6)
-  assert "per-token perplexity" in capsys.readouterr().out
+  assert "per-token ppl" in capsys.readouterr().out
+  for result in (final, again):
+    assert result["mode"] == "sentence" and result["split"] == "test"
+    assert result["test_set"].endswith("test: news.en.heldout-00000-of-00050 (50 sentences)")
   assert cli.eval_main(["--workdir", str(trained), "--step", "2"]) == 0
   older = json.loads((trained / "eval_test_2.json").read_text())
   assert older["step"] == 2 and older["loss"] > again["loss"]
@@ -135,7 +143,7 @@ def test_different_model_in_an_existing_workdir_is_refused(micro, trained, capsy
   params = micro_params(micro[0], num_steps=NUM_STEPS, eval_every=2, sample_every=2,
                         checkpoint_every=2)
   argv = ["--workdir", str(trained), *gin_flags(params + ["ModelConfig.d_model = 48"])]
-  assert cli.train_main(argv) == 1
+  assert cli.train_main(argv) == 2
   assert re.search(r"config\.gin .*ModelConfig\.d_model", capsys.readouterr().err)
   assert (trained / "config.gin").read_text() == before
 

@@ -47,9 +47,8 @@ def test_evaluate_split_matches_a_sentence_by_sentence_reference(params):
   split = make_split([3, 7, 1, 12, 5, 9, 2])  # 7 sentences: one batch of 4 and a padded one
   mesh = partitioning.make_mesh()
   shardings = jax.tree.map(lambda _: partitioning.replicated(mesh), params)
-  result = evaluate.evaluate_split(
-      CONFIG, params, batches.eval_batches(split, global_batch=4, seq_len=16),
-      mesh=mesh, param_shardings=shardings, step=7)
+  result = evaluate.Evaluator(CONFIG, mesh, shardings).run(
+      params, batches.eval_batches(split, global_batch=4, seq_len=16), step=7)
   nll = reference_nll(params, split)
   tokens = int(split.lengths().sum()) + len(split)
   assert result["step"] == 7 and result["sentences"] == len(split)
@@ -70,6 +69,10 @@ def test_long_sentences_are_scored_once_and_max_batches_caps(params):
   capped = evaluator.run(params, batches.eval_batches(split, global_batch=2, seq_len=8),
                          max_batches=1)
   assert capped["tokens"] == 16 and capped["sentences"] == 1
+  asked = []
+  stopped = evaluator.run(params, batches.eval_batches(split, global_batch=2, seq_len=8),
+                          should_stop=lambda: asked.append(1) or len(asked) > 1)
+  assert stopped is None and len(asked) == 2  # abandoned before the second batch
 
 
 def test_summarize_adds_batches_in_float64():
@@ -82,12 +85,20 @@ def test_summarize_adds_batches_in_float64():
   assert math.isnan(evaluate.summarize([], step=None)["loss"])
 
 
-def test_load_workdir_needs_a_training_workdir(tmp_path):
-  with pytest.raises(FileNotFoundError, match="tokenizer.model"):
-    evaluate.load_workdir(str(tmp_path))
+def test_unigram_perplexity_of_a_known_distribution():
+  def split(sentences):
+    offsets = np.cumsum([0] + [len(s) for s in sentences])
+    tokens = np.array([t for s in sentences for t in s], np.uint16)
+    return TokenizedSplit(tokens, offsets, np.ones(len(sentences), np.int32))
 
-
-def test_write_json_is_atomic_and_readable(tmp_path):
-  path = evaluate.write_json(evaluate.eval_json_path(str(tmp_path), "test", 1), {"loss": 1.5})
-  assert open(path, encoding="utf-8").read().strip() == '{\n  "loss": 1.5\n}'
-  assert [p.name for p in tmp_path.iterdir()] == ["eval_test_1.json"]
+  train_split = split([[4, 4, 5]] * 10)        # counts: 4 -> 20, 5 -> 10, EOS -> 10
+  test_split = split([[4, 5]])                 # targets 4, 5, EOS
+  vocab = 6
+  counts = np.ones(vocab)
+  counts[4] += 20
+  counts[5] += 10
+  counts[1] += 10
+  probs = counts / counts.sum()
+  expected = np.exp(-np.mean(np.log(probs[[4, 5, 1]])))
+  assert evaluate.unigram_test_perplexity(train_split, test_split, vocab) == pytest.approx(
+      expected)

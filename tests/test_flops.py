@@ -67,6 +67,5 @@ def test_peak_flops_table():
 def test_cpu_peak_and_mfu():
   peak = flops.measure_cpu_matmul_peak(size=128, seconds=0.05)
   assert math.isfinite(peak) and 1e6 < peak < 1e14
-  assert flops.system_peak_flops(size=128, seconds=0.05) > 0
   assert flops.mfu(1000.0, 2e9, 4e12) == pytest.approx(0.5)
   assert math.isnan(flops.mfu(1000.0, 2e9, None))

@@ -1,10 +1,14 @@
 """Tests for lm1b/input_pipeline.py on small plain-text files selected through gin."""
 
+import shutil
+import threading
+
 import gin
 import numpy as np
 import pytest
 
-from lm1b import batches, input_pipeline
+from lm1b import batches, input_pipeline, sources
+from lm1b.errors import ConfigError
 from tests.fake_source import random_sentences
 
 
@@ -24,45 +28,86 @@ def text_source(tmp_path, monkeypatch):
   gin.clear_config()
 
 
-def test_build_inputs_end_to_end(text_source):
+def test_prepare_data_then_batches(text_source):
   workdir = text_source / "work"
-  inputs = input_pipeline.build_inputs(workdir, global_batch=4, seq_len=16, mode="packed",
-                                       eval_global_batch=6)
+  data = input_pipeline.prepare_data(workdir, sources.make_source(), ("train", "test"))
   assert (workdir / "tokenizer.model").is_file()
-  assert inputs.tokenizer.vocab_size == 48
-  assert inputs.seq_len == 16 and inputs.eval_global_batch == 6
-  assert isinstance(inputs.source_name, str) and inputs.source_name
-  batch = next(inputs.train)
-  assert batch["inputs"].shape == (4, 16) and batch["weights"].sum() > 0
-  test = inputs.eval_split("test")
-  assert len(test) == 30
-  assert inputs.eval_split("test") is test  # loaded once
-  text = (text_source / "test.txt").read_text().splitlines()
-  assert inputs.tokenizer.decode(test.sentence(0).tolist()) == text[0]
-  evals = list(batches.eval_batches(test, global_batch=6, seq_len=16))
-  assert sum(float(b["words"].sum()) for b in evals) == sum(len(s.split()) + 1 for s in text)
+  assert data.tokenizer.vocab_size == 48
+  assert len(data.splits["test"]) == 30 and len(data.splits["train"]) == 400
+  assert data.descriptions["test"].endswith("test.txt (30 sentences)")
   caches = list((text_source / "root" / "token_cache").iterdir())
-  assert len(caches) == 2  # train and test
+  assert len(caches) == 2  # train and test, built before any batch
+  text = (text_source / "test.txt").read_text().splitlines()
+  assert data.tokenizer.decode(data.splits["test"].sentence(0).tolist()) == text[0]
 
-  again = input_pipeline.build_inputs(workdir, global_batch=4, seq_len=16, mode="packed")
-  assert again.train.state() == {"epoch": 0, "cursor": 0, "seed": 0}
-  np.testing.assert_array_equal(next(again.train)["inputs"], batch["inputs"])
+  config = input_pipeline.InputConfig(global_batch=4, seq_len=16, mode="packed",
+                                      eval_global_batch=6)
+  train = input_pipeline.train_batches(data.splits["train"], config, process_index=0,
+                                       process_count=1)
+  batch = next(train)
+  assert batch["inputs"].shape == (4, 16) and batch["weights"].sum() > 0
+  evals = list(input_pipeline.eval_batches(data.splits["test"], config, process_index=0,
+                                           process_count=1))
+  assert all(b["inputs"].shape == (6, 16) for b in evals)
+  assert sum(float(b["words"].sum()) for b in evals) == sum(len(s.split()) + 1 for s in text)
+
+  again = input_pipeline.prepare_data(workdir, sources.make_source(), ("train",))
+  assert again.tokenizer.model_bytes() == data.tokenizer.model_bytes()
+  train_again = input_pipeline.train_batches(again.splits["train"], config, process_index=0,
+                                             process_count=1)
+  np.testing.assert_array_equal(next(train_again)["inputs"], batch["inputs"])
+
+
+def test_only_the_test_split_needs_its_files(text_source):
+  data = input_pipeline.prepare_data(text_source / "work", sources.make_source(), ("test",))
+  (text_source / "train.txt").unlink()
+  shutil.rmtree(text_source / "root" / "token_cache")
+  source = sources.make_source(splits=("test",))
+  test = input_pipeline.prepare_data(text_source / "work", source, ("test",),
+                                     tokenizer=data.tokenizer)
+  assert len(test.splits["test"]) == 30
+  with pytest.raises(FileNotFoundError, match="train glob matches no files"):
+    sources.make_source()
+
+
+def test_other_processes_wait_for_the_chiefs_tokenizer(text_source):
+  workdir = text_source / "work"
+  source = sources.make_source()
+  waiter = {}
+  thread = threading.Thread(target=lambda: waiter.update(
+      data=input_pipeline.prepare_data(workdir, source, ("test",), is_chief=False)))
+  thread.start()
+  thread.join(timeout=1.5)
+  assert thread.is_alive() and not (workdir / "tokenizer.model").exists()  # still waiting
+  chief = input_pipeline.prepare_data(workdir, source, ("test",), is_chief=True)
+  thread.join(timeout=30)
+  assert not thread.is_alive()
+  assert waiter["data"].tokenizer.model_bytes() == chief.tokenizer.model_bytes()
 
 
 def test_two_processes_share_the_global_batch(text_source):
-  workdir = text_source / "work"
-  whole = input_pipeline.build_inputs(workdir, global_batch=4, seq_len=16)
-  halves = [input_pipeline.build_inputs(workdir, global_batch=4, seq_len=16, process_index=p,
-                                        process_count=2) for p in range(2)]
-  want = next(whole.train)
-  got = [next(h.train) for h in halves]
+  data = input_pipeline.prepare_data(text_source / "work", sources.make_source(), ("train",))
+  config = input_pipeline.InputConfig(global_batch=4, seq_len=16)
+  whole = input_pipeline.train_batches(data.splits["train"], config, process_index=0,
+                                       process_count=1)
+  halves = [input_pipeline.train_batches(data.splits["train"], config, process_index=p,
+                                         process_count=2) for p in range(2)]
+  want = next(whole)
+  got = [next(h) for h in halves]
   np.testing.assert_array_equal(np.concatenate([g["targets"] for g in got]), want["targets"])
 
 
-def test_global_batch_must_divide_by_process_count(text_source):
-  with pytest.raises(ValueError, match="global_batch=6"):
-    input_pipeline.build_inputs(text_source / "work", global_batch=6, process_index=0,
-                                process_count=4)
-  with pytest.raises(ValueError, match="eval_global_batch"):
-    input_pipeline.build_inputs(text_source / "work", global_batch=4, eval_global_batch=3,
-                                process_index=0, process_count=2)
+def test_input_config_errors_name_the_binding():
+  with pytest.raises(ConfigError, match="build_inputs.mode='rows'"):
+    input_pipeline.InputConfig(mode="rows")
+  with pytest.raises(ConfigError, match="build_inputs.seq_len=0"):
+    input_pipeline.InputConfig(seq_len=0)
+  config = input_pipeline.InputConfig(global_batch=6, eval_global_batch=8)
+  config.check_processes(2)
+  with pytest.raises(ConfigError, match="build_inputs.global_batch=6 .* 4 processes"):
+    config.check_processes(4)
+  with pytest.raises(ConfigError, match="eval_global_batch=8 .* 3 processes"):
+    input_pipeline.InputConfig(global_batch=6, eval_global_batch=8).check_processes(3)
+  with gin.unlock_config():
+    gin.parse_config(["build_inputs.seq_len = 32", "build_inputs.mode = 'packed'"])
+  assert input_pipeline.InputConfig() == input_pipeline.InputConfig(seq_len=32, mode="packed")

@@ -64,14 +64,15 @@ def test_unigram_perplexity():
 def test_progress_line():
   line = metrics.format_progress(
       1200, 10000, {"loss": 3.4, "learning_rate": 1e-3, "tokens_per_sec": 45_200.0,
-                    "mfu": 0.312}, steps_per_sec=2.0)
+                    "fill": 0.871, "mfu_real_tokens": 0.312, "mfu_all_slots": 0.358,
+                    "steps_per_sec": 2.0})
   assert line.startswith("step 1200/10000")
   assert "loss 3.4000" in line and f"ppl {math.exp(3.4):.2f}" in line
-  assert "lr 1.00e-03" in line and "45.2k tok/s" in line and "MFU 31.2%" in line
+  assert "lr 1.00e-03" in line and "45.2k tok/s (fill 87%)" in line
+  assert "MFU 31.2% real, 35.8% slots" in line and "2.00 step/s" in line
   assert line.endswith("ETA 1:13:20")  # 8800 steps at 2 steps/s
-  assert "ETA ?" in metrics.format_progress(5, 10, {}, steps_per_sec=0.0)
-  progress = metrics.ProgressLine(total_steps=100)
-  assert "ETA" in progress(10, {"loss": 1.0})
+  bare = metrics.format_progress(5, 10, {"tokens_per_sec": 10.0})
+  assert "ETA ?" in bare and "fill" not in bare and "MFU" not in bare
 
 
 def test_format_duration():

@@ -5,11 +5,13 @@ import math
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import gin
 import numpy as np
 import optax
 import pytest
 
 from lm1b import optim
+from lm1b.errors import ConfigError
 
 
 def test_rsqrt_schedule_values():
@@ -31,10 +33,25 @@ def test_cosine_and_constant_schedule_values():
 
 
 def test_schedule_errors():
-  with pytest.raises(ValueError, match="'linear'"):
+  with pytest.raises(ConfigError, match="'linear'"):
     optim.make_schedule(decay="linear")
-  with pytest.raises(ValueError, match="total_steps"):
+  with pytest.raises(ConfigError, match="total_steps"):
     optim.make_schedule(decay="cosine", warmup_steps=10)
+  with pytest.raises(ConfigError, match=r"warmup_steps=100 is not shorter than the run's 100"):
+    optim.make_schedule(100, warmup_steps=100)
+  with pytest.raises(ConfigError, match="grad_accum_steps=0"):
+    optim.make_optimizer(10, grad_accum_steps=0)
+
+
+def test_optimizer_schedule_counts_applied_updates():
+  gin.parse_config(["make_schedule.decay = 'cosine'", "make_schedule.warmup_steps = 10",
+                    "make_schedule.learning_rate = 1.0"])
+  optimizer = optim.make_optimizer(440, grad_accum_steps=4)  # 110 updates
+  assert optimizer.grad_accum_steps == 4
+  assert float(optimizer.schedule(110)) == pytest.approx(0.0, abs=1e-7)  # cosine ends at 110
+  assert float(optimizer.schedule(60)) == pytest.approx(0.5, rel=1e-5)
+  with pytest.raises(ConfigError, match="warmup_steps=10 is not shorter than the run's 10"):
+    optim.make_optimizer(40, grad_accum_steps=4)
 
 
 def test_weight_decay_mask():
@@ -57,7 +74,7 @@ def test_weight_decay_mask():
 
 def test_weight_decay_applies_only_to_masked_params():
   params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
-  tx = optim.make_optimizer(0.1, weight_decay=0.5, clip_norm=0.0)
+  tx = optim.make_optimizer(1, schedule=0.1, weight_decay=0.5, clip_norm=0.0).tx
   zeros = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(zeros, tx.init(params), params)
   np.testing.assert_allclose(updates["kernel"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)
@@ -77,9 +94,9 @@ def test_gradient_accumulation_matches_big_batch():
   schedule = optim.make_schedule(learning_rate=0.1, warmup_steps=2, decay="constant")
   grad = jax.grad(_linear_loss)
 
-  big = optim.make_optimizer(schedule, clip_norm=0.5)
+  big = optim.make_optimizer(3, schedule=schedule, clip_norm=0.5).tx
   big_params, big_state = params, big.init(params)
-  acc = optim.make_optimizer(schedule, clip_norm=0.5, grad_accum_steps=3)
+  acc = optim.make_optimizer(9, schedule=schedule, clip_norm=0.5, grad_accum_steps=3).tx
   acc_params, acc_state = params, acc.init(params)
   for _ in range(3):  # three optimizer steps
     updates, big_state = big.update(grad(big_params, x, y), big_state, big_params)

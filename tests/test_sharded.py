@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from lm1b import checkpoints, cli, evaluate, train
-from test_train import REPO, gin_flags, micro, micro_params, run_train, subprocess_env  # noqa: F401
+from lm1b import checkpoints, cli, workdir as workdir_lib
+from test_train import (REPO, gin_flags, micro, micro_params, restored_params,  # noqa: F401
+                        run_train, subprocess_env)
 
 NUM_STEPS = 3
 MESH = ["make_mesh.data = 2", "make_mesh.fsdp = 2", "make_mesh.tensor = 2"]
@@ -66,8 +67,8 @@ def tensorboard_losses(workdir: pathlib.Path) -> dict[int, float]:
 
 def final_params(workdir: pathlib.Path) -> list[np.ndarray]:
   """The latest checkpoint's parameters, restored onto this process's single device."""
-  cli.parse_gin([str(workdir / train.CONFIG_FILE)], ONE_DEVICE)
-  return jax.tree.leaves(jax.device_get(evaluate.load_workdir(str(workdir)).params))
+  cli.parse_gin([str(workdir / workdir_lib.CONFIG_FILE)], ONE_DEVICE)
+  return jax.tree.leaves(restored_params(workdir))
 
 
 def final_eval(workdir: pathlib.Path) -> dict:

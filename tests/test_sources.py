@@ -165,8 +165,10 @@ def test_make_source_kinds_and_gin(tmp_path):
     sources.make_source("hdf5")
   with pytest.raises(ValueError, match="path"):
     sources.make_source("tarball")
-  with pytest.raises(ValueError, match="train_glob"):
+  with pytest.raises(ValueError, match="test_glob"):
     sources.make_source("text", train_glob="*.txt")
+  with pytest.raises(ValueError, match="train_glob"):
+    sources.make_source("text", test_glob="*.txt")
   path = _write(tmp_path / "t.txt", "gin line .\n")
   gin.clear_config()
   try:

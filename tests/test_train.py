@@ -1,4 +1,4 @@
-"""Tests of lm1b/train.py: exact resume, SIGTERM save, config checks, unigram baseline.
+"""Tests of lm1b/train.py: exact resume, stop signals at every phase, data preparation.
 
 Also home of the micro configuration (a 1-layer d=32 model on a 1% embedded corpus) that
 test_cli.py and test_sharded.py import.
@@ -15,8 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from lm1b import cli, corpus, evaluate, train
-from lm1b.token_cache import TokenizedSplit
+from lm1b import cli, corpus, experiment, input_pipeline, model, train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -38,7 +37,7 @@ def micro_params(corpus_dir: pathlib.Path, **loop) -> list[str]:
       "ModelConfig.dropout_rate = 0.1",
       "build_inputs.seq_len = 32", "build_inputs.global_batch = 8",
       "build_inputs.eval_global_batch = 16",
-      'make_schedule.decay = "rsqrt"', "make_schedule.warmup_steps = 2",
+      'make_schedule.decay = "rsqrt"', "make_schedule.warmup_steps = 1",
       "make_schedule.learning_rate = 0.01",
   ]
   knobs = dict(num_steps=4, log_every=1, eval_every=0, sample_every=0, checkpoint_every=2,
@@ -74,7 +73,10 @@ def run_train(workdir: pathlib.Path, params: list[str]) -> train.TrainResult:
 
 
 def restored_params(workdir: pathlib.Path) -> dict:
-  return jax.device_get(evaluate.load_workdir(str(workdir)).params)
+  """The latest checkpoint's parameters (gin must hold the workdir's configuration)."""
+  loaded = experiment.load_trained(str(workdir), model.ModelConfig(),
+                                   input_pipeline.InputConfig().seq_len)
+  return jax.device_get(loaded.params)
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(micro, tmp_path):
@@ -117,31 +119,59 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(micro, tmp_path):
   assert not list(tmp_path.glob("eval_test_*.json"))  # stopped: no final evaluation
 
 
-def test_config_check_allows_loop_changes_but_not_model_changes(tmp_path):
-  text = ("# Parameters for ModelConfig:\nModelConfig.d_model = 32\nModelConfig.num_heads = 2\n"
-          "train_and_evaluate.num_steps = 4\ntrain_and_evaluate.sample_prompts = \\\n"
-          "    ('a', 'b')\n")
-  train.check_config(str(tmp_path), text)  # no file yet
-  (tmp_path / train.CONFIG_FILE).write_text(text)
-  train.check_config(str(tmp_path), text.replace("num_steps = 4", "num_steps = 8"))
-  with pytest.raises(ValueError, match=r"config\.gin .*ModelConfig\.d_model"):
-    train.check_config(str(tmp_path), text.replace("d_model = 32", "d_model = 64"))
-  assert train.config_bindings(text)["train_and_evaluate.sample_prompts"] == "\\ ('a', 'b')"
+def _signal_when_called(monkeypatch, owner, name, when=lambda *a, **k: True):
+  """Makes owner.name send SIGTERM to this process (once, when `when` says) before running."""
+  original = getattr(owner, name)
+  sent = []
+
+  def wrapper(*args, **kwargs):
+    if not sent and when(*args, **kwargs):
+      sent.append(True)
+      os.kill(os.getpid(), signal.SIGTERM)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(owner, name, wrapper)
+  return sent
 
 
-def test_unigram_perplexity_of_a_known_distribution():
-  def split(sentences):
-    offsets = np.cumsum([0] + [len(s) for s in sentences])
-    tokens = np.array([t for s in sentences for t in s], np.uint16)
-    return TokenizedSplit(tokens, offsets, np.ones(len(sentences), np.int32))
+def test_sigterm_during_the_final_evaluation_abandons_it_with_a_complete_checkpoint(
+    micro, tmp_path, monkeypatch, capsys):
+  final = lambda self, params, batches, max_batches=None, **kw: max_batches is None
+  sent = _signal_when_called(monkeypatch, train.evaluate.Evaluator, "run", final)
+  workdir = tmp_path / "run"
+  argv = ["--workdir", str(workdir), *gin_flags(micro_params(micro[0], num_steps=3))]
+  assert cli.train_main(argv) == 0
+  assert sent
+  assert "evaluation at step 3 abandoned (SIGTERM)" in capsys.readouterr().out
+  assert (workdir / "checkpoints" / "3").is_dir() and not list(workdir.glob("eval_test_*"))
+  assert not list((workdir / "checkpoints").glob("*tmp*"))
 
-  train_split = split([[4, 4, 5]] * 10)        # counts: 4 -> 20, 5 -> 10, EOS -> 10
-  test_split = split([[4, 5]])                 # targets 4, 5, EOS
-  vocab = 6
-  counts = np.ones(vocab)
-  counts[4] += 20
-  counts[5] += 10
-  counts[1] += 10
-  probs = counts / counts.sum()
-  expected = np.exp(-np.mean(np.log(probs[[4, 5, 1]])))
-  assert train.unigram_test_perplexity(train_split, test_split, vocab) == pytest.approx(expected)
+
+def test_sigterm_during_the_final_save_lets_it_finish(micro, tmp_path, monkeypatch):
+  sent = _signal_when_called(monkeypatch, train.Trainer, "finish")
+  result = run_train(tmp_path, micro_params(micro[0], num_steps=3))
+  assert sent and result.stopped_by == "SIGTERM" and result.final_eval is None
+  assert result.checkpoint_step == 3 and result.step == 3
+
+
+def test_sigterm_while_preparing_data_unwinds_at_once(micro, tmp_path, monkeypatch, capsys):
+  sent = _signal_when_called(monkeypatch, train.input_pipeline, "prepare_data")
+  workdir = tmp_path / "fresh"
+  argv = ["--workdir", str(workdir), *gin_flags(micro_params(micro[0], num_steps=3))]
+  assert cli.train_main(argv) == 128 + signal.SIGTERM  # nothing was saved
+  assert sent and "SIGTERM received before the training loop" in capsys.readouterr().out
+  assert not workdir.exists()  # created by this run and still empty: removed
+
+
+def test_prepare_only_builds_the_data_without_devices(micro, tmp_path):
+  corpus_dir, data_root = micro
+  command = [sys.executable, "train.py", "--prepare_only", "--workdir", str(tmp_path),
+             *gin_flags(micro_params(corpus_dir))]
+  env = dict(subprocess_env(data_root), JAX_PLATFORMS="no_such_platform")  # any device use fails
+  run = subprocess.run(command, cwd=REPO, env=env, text=True, capture_output=True,
+                       timeout=300, check=False)
+  assert run.returncode == 0, run.stdout + run.stderr
+  assert (tmp_path / "tokenizer.model").is_file() and (tmp_path / "config.gin").is_file()
+  assert re.search(r"train: .*\(3000 sentences\), [\d,]+ tokens ready", run.stdout)
+  assert re.search(r"test: .*news.en.heldout-00000-of-00050 \(50 sentences\)", run.stdout)
+  assert not (tmp_path / "checkpoints").exists()

@@ -1,0 +1,84 @@
+"""The files of a run directory that are not checkpoints: config.gin and results.
+
+A workdir holds config.gin (the run's gin configuration, compared on every resume),
+tokenizer.model, checkpoints/, tensorboard/ and eval_<split>_<step>.json files. Paths go
+through etils.epath (the path library Orbax uses), so a workdir may be a local directory or a
+gs:// location.
+"""
+
+import json
+import uuid
+
+from etils import epath
+
+from lm1b.errors import ConfigError
+
+CONFIG_FILE = "config.gin"
+# Bindings that may change when a run is resumed (loop lengths, logging, device layout).
+RESUMABLE_SELECTORS = ("train_and_evaluate.", "make_mesh.")
+
+
+def config_bindings(text: str) -> dict[str, str]:
+  """{'selector.param': 'value'} of a gin.config_str() text (continuation lines joined)."""
+  bindings, key = {}, None
+  for line in text.splitlines():
+    if not line.strip() or line.lstrip().startswith("#"):
+      continue
+    if line[0].isspace() and key is not None:
+      bindings[key] += " " + line.strip()
+      continue
+    key, _, value = line.partition("=")
+    key = key.strip()
+    bindings[key] = value.strip()
+  return bindings
+
+
+def read_config(workdir: epath.PathLike) -> str | None:
+  """The text of workdir/config.gin, or None when there is none."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  return path.read_text() if path.exists() else None
+
+
+def check_config(workdir: epath.PathLike, config_text: str) -> None:
+  """ConfigError if workdir/config.gin is from a run with other model or data settings.
+
+  Only bindings of train_and_evaluate (loop lengths, logging) and make_mesh may differ.
+  """
+  old_text = read_config(workdir)
+  if old_text is None:
+    return
+  old, new = config_bindings(old_text), config_bindings(config_text)
+  changed = sorted(key for key in set(old) | set(new)
+                   if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_SELECTORS))
+  if changed:
+    raise ConfigError(f"{epath.Path(workdir) / CONFIG_FILE} is from a run with a different "
+                      f"configuration (differs in {', '.join(changed)}); use a new --workdir "
+                      "or the same settings")
+
+
+def write_text_atomic(path: epath.PathLike, text: str) -> None:
+  """Writes `text` to `path` through a temporary file in the same directory and a rename."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.parent / f".tmp-{uuid.uuid4().hex}-{path.name}"
+  try:
+    tmp.write_text(text)
+    tmp.replace(path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+
+
+def write_config(workdir: epath.PathLike, config_text: str) -> None:
+  write_text_atomic(epath.Path(workdir) / CONFIG_FILE, config_text)
+
+
+def write_json(path: epath.PathLike, data: dict) -> str:
+  """Writes `data` to `path` as indented JSON, atomically; returns the path."""
+  write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+  return str(path)
+
+
+def eval_json_path(workdir: epath.PathLike, split: str, step: int) -> str:
+  """The default result file of an evaluation: workdir/eval_<split>_<step>.json."""
+  return str(epath.Path(workdir) / f"eval_{split}_{step}.json")
