@@ -2,33 +2,38 @@
 
 A batch is a dict of numpy arrays holding this process's rows of a global batch:
   inputs, targets, positions, segment_ids  int32 [rows, seq_len]
-  weights                                  float32 [rows, seq_len]: 1 on targets, 0 on padding
-  words (eval only)                        float32 [rows]
+  weights                                  float32 [rows, seq_len]: 1 on scored targets
+  words (eval only)                        float32 [rows, seq_len]: on the position of a
+                                           sentence's first target, its word count + 1
 
-Rows. Each sentence is the stream [BOS] + ids + [EOS]; its (input, target) pairs are
+Sentences. Each sentence is the stream [BOS] + ids + [EOS]; its (input, target) pairs are
 (stream[k], stream[k + 1]) for k = 0..len(ids), so a sentence of L ids has L + 1 targets. A
 sentence with more than seq_len targets is cut into pieces of seq_len pairs (the last one
-shorter); piece j holds pairs j * seq_len ... Every target is therefore scored exactly once.
-Positions restart at 0 in every piece (a continuation piece does not see the earlier part of its
-sentence), so the model's max_len only needs to be seq_len. segment_ids are 1, 2, ... for the
-pieces in a row and 0 on padding; PAD_ID fills inputs/targets of padding.
+shorter); piece j holds pairs j * seq_len ... Every target is scored exactly once. Positions
+restart at 0 in every piece, so the model's max_len only needs to be seq_len.
 
-Modes:
+Modes (`MODES`):
   sentence  one piece per row, padded (the paper's setup).
-  packed    pieces greedily packed in epoch order: a row takes the next pieces while they fit.
+  packed    several pieces per row as segments 1, 2, ... (0 on padding), placed by `pack`
+            at the offsets a `Slot` allows: for hierarchical attention
+            `hattention.packing_slot`, under which a piece gets exactly the attention it
+            would get alone in a row (see lm1b.experiment.packing_slot_for); for full
+            attention anywhere (`contiguous_slot`).
+  stream    rows are consecutive windows of the split's token stream [BOS] s_1 [EOS] s_2
+            [EOS] ... (no segments, positions 0..seq_len-1): context crosses sentences.
 
-Order. Epoch e visits every piece once in the order np.random.default_rng((seed, e)).permutation.
-Global batches are consecutive runs of that order starting at `cursor` (a piece index); an
-epoch's last global batch may be short and is completed with all-padding rows, so batches never
-mix epochs. The global batch at (seed, epoch, cursor) is a pure function of those ints and the
-split, so `state()` -> {"epoch", "cursor", "seed"} and `restore(state)` resume exactly, and
-process p builds only rows [p * local, (p + 1) * local) of each global batch (packed mode plans
-all row boundaries from piece lengths alone, which is cheap).
+Order. Epoch e visits every unit (piece, or window in stream mode) once in the order
+np.random.default_rng((seed, e)).permutation. A global batch takes consecutive units of that
+order from `cursor` (a unit index); an epoch's last batch may be short and is completed with
+padding rows, so batches never mix epochs. The batch at (seed, epoch, cursor) is a pure
+function of those ints and the split, so `state()` -> {"epoch", "cursor", "seed"} and
+`restore(state)` resume exactly, and process p builds only rows [p * local, (p + 1) * local)
+of each global batch (the layout of all rows is planned from lengths alone, which is cheap).
 """
 
 import dataclasses
 import logging
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple
 
 import jax
 import numpy as np
@@ -36,8 +41,16 @@ import numpy as np
 from lm1b.token_cache import TokenizedSplit
 from lm1b.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
-MODES = ("sentence", "packed")
+MODES = ("sentence", "packed", "stream")
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
+# A piece's length -> (alignment, span): it may start at multiples of `alignment`, and no other
+# piece may have a position in [start, start + span) (span >= length).
+Slot = Callable[[int], tuple[int, int]]
+
+
+def contiguous_slot(length: int) -> tuple[int, int]:
+  """Anywhere, taking only its own positions (full attention isolates segments exactly)."""
+  return 1, length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +79,56 @@ def make_pieces(split: TokenizedSplit, seq_len: int) -> Pieces:
   return Pieces(sentence=sentence, start=start.astype(np.int32), length=length.astype(np.int32))
 
 
+class Layout(NamedTuple):
+  """Where pieces go in a batch, each int64 [placed]: piece index, row and first column."""
+  piece: np.ndarray
+  row: np.ndarray
+  offset: np.ndarray
+
+
+def sentence_layout(pieces: np.ndarray) -> Layout:
+  """One piece per row, at column 0."""
+  pieces = np.asarray(pieces, np.int64)
+  return Layout(pieces, np.arange(len(pieces), dtype=np.int64), np.zeros(len(pieces), np.int64))
+
+
+def pack(lengths: np.ndarray, num_rows: int, seq_len: int, slot: Slot) -> tuple[Layout, int]:
+  """Places pieces of `lengths` (in order) into num_rows rows; returns (layout, placed).
+
+  First fit: each piece goes to the first row with room at an offset its slot allows, after
+  the row's last piece or into the largest gap an alignment left in the row; packing stops at
+  the first piece that fits nowhere (so a batch always takes a prefix). Layout.piece indexes
+  `lengths`.
+  """
+  ends = np.zeros(num_rows, np.int64)       # first free column after each row's last piece
+  gap_start = np.zeros(num_rows, np.int64)  # one free interval per row left by an alignment
+  gap_end = np.zeros(num_rows, np.int64)
+  rows, offsets = [], []
+  for length in lengths:
+    alignment, span = slot(int(length))
+    start = -(-gap_start // alignment) * alignment
+    in_gap = np.flatnonzero(start + span <= gap_end)
+    if in_gap.size:
+      row = int(in_gap[0])
+      offset = int(start[row])
+      gap_start[row] = offset + span
+    else:
+      start = -(-ends // alignment) * alignment
+      at_end = np.flatnonzero(start + span <= seq_len)
+      if not at_end.size:
+        break
+      row = int(at_end[0])
+      offset = int(start[row])
+      if offset - ends[row] > gap_end[row] - gap_start[row]:
+        gap_start[row], gap_end[row] = ends[row], offset
+      ends[row] = offset + span
+    rows.append(row)
+    offsets.append(offset)
+  placed = len(rows)
+  return Layout(np.arange(placed, dtype=np.int64), np.asarray(rows, np.int64),
+                np.asarray(offsets, np.int64)), placed
+
+
 def empty_batch(rows: int, seq_len: int) -> dict[str, np.ndarray]:
   """All-padding batch: PAD_ID inputs/targets, zero positions/segment_ids (int32 [rows,
   seq_len]) and zero float32 weights."""
@@ -89,34 +152,75 @@ def _stream_values(split: TokenizedSplit, sentence: np.ndarray, k: np.ndarray) -
   return values
 
 
-def build_rows(split: TokenizedSplit, pieces: Pieces, rows: Sequence[Sequence[int]],
-               num_rows: int, seq_len: int) -> dict[str, np.ndarray]:
-  """Batch [num_rows, seq_len]: row r holds pieces rows[r] in order as segments 1, 2, ...
-
-  Rows past len(rows) and columns past a row's pieces are padding. Vectorized over all tokens.
-  """
+def build_rows(split: TokenizedSplit, pieces: Pieces, layout: Layout, num_rows: int,
+               seq_len: int, *, words: bool = False) -> dict[str, np.ndarray]:
+  """Batch [num_rows, seq_len] with layout's pieces; segments numbered 1, 2, ... by column
+  within each row. Vectorized over all tokens. words=True adds the `words` array."""
   batch = empty_batch(num_rows, seq_len)
-  counts = np.array([len(r) for r in rows], np.int64)
-  if not counts.sum():
+  if words:
+    batch["words"] = np.zeros((num_rows, seq_len), np.float32)
+  if not len(layout.piece):
     return batch
-  p = np.concatenate([np.asarray(r, np.int64) for r in rows])
-  m = pieces.length[p].astype(np.int64)
-  exclusive = np.cumsum(m) - m
-  row_first = np.repeat(np.cumsum(counts) - counts, counts)
-  col0 = exclusive - exclusive[row_first]
-  segment = np.arange(len(p)) - row_first + 1
-  owner = np.repeat(np.arange(len(p)), m)
-  pos = np.arange(int(m.sum())) - exclusive[owner]
-  row = np.repeat(np.arange(len(rows)), counts)[owner]
-  col = col0[owner] + pos
-  sentence = pieces.sentence[p][owner]
-  k = pieces.start[p][owner].astype(np.int64) + pos
-  batch["inputs"][row, col] = _stream_values(split, sentence, k)
-  batch["targets"][row, col] = _stream_values(split, sentence, k + 1)
-  batch["positions"][row, col] = pos
-  batch["segment_ids"][row, col] = segment[owner]
-  batch["weights"][row, col] = 1.0
+  order = np.lexsort((layout.offset, layout.row))
+  piece, row, offset = (x[order] for x in layout)
+  first_of_row = np.r_[True, row[1:] != row[:-1]]
+  run_start = np.maximum.accumulate(np.where(first_of_row, np.arange(len(row)), 0))
+  segment = np.arange(len(row)) - run_start + 1
+  m = pieces.length[piece].astype(np.int64)
+  owner = np.repeat(np.arange(len(piece)), m)
+  pos = np.arange(int(m.sum())) - np.repeat(np.cumsum(m) - m, m)
+  r, c = row[owner], offset[owner] + pos
+  sentence = pieces.sentence[piece][owner]
+  k = pieces.start[piece][owner].astype(np.int64) + pos
+  batch["inputs"][r, c] = _stream_values(split, sentence, k)
+  batch["targets"][r, c] = _stream_values(split, sentence, k + 1)
+  batch["positions"][r, c] = pos
+  batch["segment_ids"][r, c] = segment[owner]
+  batch["weights"][r, c] = 1.0
+  if words:
+    first = k == 0
+    batch["words"][r[first], c[first]] = split.words[sentence[first]]
   return batch
+
+
+class Stream:
+  """A split as one token stream [BOS] s_1 [EOS] s_2 [EOS] ... of `num_targets` targets:
+  target j is stream token j + 1, predicted from token j."""
+
+  def __init__(self, split: TokenizedSplit):
+    self.split = split
+    self.ends = np.cumsum(split.lengths() + 1)  # [n] targets up to and including sentence i
+    self.num_targets = int(self.ends[-1]) if len(self.ends) else 0
+
+  def tokens(self, index: np.ndarray) -> np.ndarray:
+    """int32 stream tokens at int64 `index` (0 is the BOS)."""
+    index = np.asarray(index, np.int64)
+    sentence = np.searchsorted(self.ends, index, side="left")
+    sentence = np.minimum(sentence, len(self.ends) - 1)
+    start = self.ends[sentence] - (self.split.lengths()[sentence] + 1)  # its first target
+    values = _stream_values(self.split, sentence, index - start)
+    values[index == 0] = BOS_ID
+    return values
+
+  def first_targets(self) -> np.ndarray:
+    """int64 [n]: the target index of each sentence's first token."""
+    return self.ends - (self.split.lengths() + 1)
+
+  def window(self, batch: dict, row: int, first: int, count: int, scored_from: int,
+             words: bool) -> None:
+    """Writes targets [first, first + count) into `row` of `batch` (positions 0..count-1);
+    only targets >= scored_from get weight (earlier ones are context)."""
+    target = np.arange(first, first + count, dtype=np.int64)
+    cols = np.arange(count)
+    batch["inputs"][row, cols] = self.tokens(target)
+    batch["targets"][row, cols] = self.tokens(target + 1)
+    batch["positions"][row, cols] = cols
+    batch["segment_ids"][row, cols] = 1
+    batch["weights"][row, cols] = (target >= scored_from).astype(np.float32)
+    if words:
+      starts = self.first_targets()
+      lo, hi = np.searchsorted(starts, [max(first, scored_from), first + count])
+      batch["words"][row, starts[lo:hi] - first] = self.split.words[lo:hi]
 
 
 def check_sharding(global_batch: int, process_index: int, process_count: int) -> int:
@@ -134,7 +238,7 @@ class TrainBatches:
 
   def __init__(self, split: TokenizedSplit, *, global_batch: int, seq_len: int,
                mode: str = "sentence", seed: int = 0, process_index: int = 0,
-               process_count: int = 1):
+               process_count: int = 1, slot: Slot = contiguous_slot):
     if mode not in MODES:
       raise ValueError(f"mode={mode!r} must be one of {MODES}")
     if seq_len < 1:
@@ -142,34 +246,42 @@ class TrainBatches:
     if len(split) == 0:
       raise ValueError("TrainBatches needs a split with at least one sentence")
     self._local = check_sharding(global_batch, process_index, process_count)
-    self._split, self._seq_len, self._mode = split, seq_len, mode
+    self._split, self._seq_len, self._mode, self._slot = split, seq_len, mode, slot
     self._global, self._process_index = global_batch, process_index
-    self._pieces = make_pieces(split, seq_len)
     self._seed, self._epoch, self._cursor = int(seed), 0, 0
     self._order_epoch, self._order = -1, np.zeros(0, np.int64)
-    long = int(np.count_nonzero(self._pieces.start == seq_len))
-    logging.info("Train split: %d sentences, %d pieces of <= %d targets; %d sentences longer "
-                 "than seq_len were split (none dropped); mode=%s", len(split), len(self._pieces),
-                 seq_len, long, mode)
+    if mode == "stream":
+      self._stream = Stream(split)
+      self._num_units = -(-self._stream.num_targets // seq_len)
+      logging.info("Train split: %d sentences, %d targets in %d windows of %d (stream)",
+                   len(split), self._stream.num_targets, self._num_units, seq_len)
+    else:
+      self._pieces = make_pieces(split, seq_len)
+      self._num_units = len(self._pieces)
+      long = int(np.count_nonzero(self._pieces.start == seq_len))
+      logging.info("Train split: %d sentences, %d pieces of <= %d targets; %d sentences "
+                   "longer than seq_len were split (none dropped); mode=%s", len(split),
+                   self._num_units, seq_len, long, mode)
 
   @property
-  def num_pieces(self) -> int:
-    return len(self._pieces)
+  def num_units(self) -> int:
+    """Pieces (sentence, packed) or windows (stream) per epoch."""
+    return self._num_units
 
   def state(self) -> dict[str, int]:
-    """The position in the stream: the next batch starts at piece `cursor` of epoch `epoch`."""
+    """The position in the stream: the next batch starts at unit `cursor` of epoch `epoch`."""
     return {"epoch": self._epoch, "cursor": self._cursor, "seed": self._seed}
 
   def restore(self, state: dict) -> None:
     """Continues exactly where the iterator that produced `state` stopped.
 
-    The state indexes pieces, so it is only meaningful for the same split and seq_len (any
-    global_batch, mode or process count may be used after restoring).
+    The state indexes units, so it is only meaningful for the same split, seq_len and mode
+    family (pieces or windows); any global_batch or process count may be used after it.
     """
     epoch, cursor, seed = int(state["epoch"]), int(state["cursor"]), int(state["seed"])
-    if epoch < 0 or not 0 <= cursor < len(self._pieces):
-      raise ValueError(f"Invalid data state {dict(state)} for a split of {len(self._pieces)} "
-                       "pieces")
+    if epoch < 0 or not 0 <= cursor < self._num_units:
+      raise ValueError(f"Invalid data state {dict(state)} for a split of {self._num_units} "
+                       "units")
     if seed != self._seed:
       logging.warning("Restoring data seed %d (configured seed %d)", seed, self._seed)
     self._epoch, self._cursor, self._seed = epoch, cursor, seed
@@ -177,61 +289,92 @@ class TrainBatches:
   def _epoch_order(self) -> np.ndarray:
     if self._order_epoch != self._epoch:
       rng = np.random.default_rng((self._seed, self._epoch))
-      self._order, self._order_epoch = rng.permutation(len(self._pieces)), self._epoch
+      self._order, self._order_epoch = rng.permutation(self._num_units), self._epoch
     return self._order
 
-  def _plan(self, order: np.ndarray) -> tuple[list[list[int]], int]:
-    """Rows (lists of piece indices) of the global batch at the cursor, and the next cursor."""
-    window = order[self._cursor:self._cursor + self._global * self._seq_len]
+  def _next_rows(self, units: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+    """This process's rows of the global batch starting with `units`; units consumed."""
+    lo, hi = self._process_index * self._local, (self._process_index + 1) * self._local
+    if self._mode == "stream":
+      batch = empty_batch(self._local, self._seq_len)
+      count = min(len(units), self._global)
+      for row in range(lo, min(hi, count)):
+        first = int(units[row]) * self._seq_len
+        width = min(self._seq_len, self._stream.num_targets - first)
+        self._stream.window(batch, row - lo, first, width, first, words=False)
+      return batch, count
     if self._mode == "sentence":
-      return [[int(p)] for p in window[:self._global]], self._cursor + min(len(window),
-                                                                            self._global)
-    ends = np.concatenate([[0], np.cumsum(self._pieces.length[window])])
-    rows, i = [], 0
-    while len(rows) < self._global and i < len(window):
-      j = int(np.searchsorted(ends, ends[i] + self._seq_len, side="right")) - 1
-      rows.append([int(p) for p in window[i:j]])
-      i = j
-    return rows, self._cursor + i
+      count = min(len(units), self._global)
+      layout = sentence_layout(units[:count])
+    else:
+      window = units[:self._global * self._seq_len]
+      layout, count = pack(self._pieces.length[window], self._global, self._seq_len,
+                           self._slot)
+      layout = layout._replace(piece=window[layout.piece])
+    mine = (layout.row >= lo) & (layout.row < hi)
+    local = Layout(layout.piece[mine], layout.row[mine] - lo, layout.offset[mine])
+    return build_rows(self._split, self._pieces, local, self._local, self._seq_len), count
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    rows, cursor = self._plan(self._epoch_order())
-    lo = self._process_index * self._local
-    batch = build_rows(self._split, self._pieces, rows[lo:lo + self._local], self._local,
-                         self._seq_len)
-    self._cursor = cursor
-    if self._cursor == len(self._pieces):
+    batch, count = self._next_rows(self._epoch_order()[self._cursor:])
+    self._cursor += count
+    if self._cursor == self._num_units:
       self._epoch, self._cursor = self._epoch + 1, 0
     return batch
 
 
-def num_eval_batches(split: TokenizedSplit, *, global_batch: int, seq_len: int) -> int:
-  """Number of global eval batches (the same on every process)."""
-  return -(-len(make_pieces(split, seq_len)) // global_batch)
-
-
 def eval_batches(split: TokenizedSplit, *, global_batch: int, seq_len: int,
+                 mode: str = "sentence", slot: Slot = contiguous_slot, overlap: int = 0,
                  process_index: int = 0, process_count: int = 1
                  ) -> Iterator[dict[str, np.ndarray]]:
-  """Every piece of every sentence exactly once, in order, one piece per row.
+  """Batches that score every target of the split exactly once, in order, with `words`.
 
-  Adds `words` float32 [rows]: the sentence's word count (+1) on the row holding its first
-  target, else 0. The final global batch is completed with all-padding rows, so every process
-  yields ceil(num_pieces / global_batch) batches.
+  sentence/packed: every piece once (packed: several per row, as in training). stream:
+  windows of seq_len positions advancing by seq_len - overlap; the first `overlap` positions
+  of every window but the first are context only (scored by the window before), so each
+  target is scored once with at least `overlap` targets of left context. The last global
+  batch is completed with padding rows; every process yields the same number of batches.
   """
   local = check_sharding(global_batch, process_index, process_count)
+  lo = process_index * local
+  if mode == "stream":
+    yield from _stream_eval_batches(Stream(split), global_batch, seq_len, overlap, lo, local)
+    return
   pieces = make_pieces(split, seq_len)
-  for first in range(0, len(pieces), global_batch):
-    lo = min(first + process_index * local, len(pieces))
-    ids = range(lo, min(lo + local, first + global_batch, len(pieces)))
-    batch = build_rows(split, pieces, [[p] for p in ids], local, seq_len)
-    batch["words"] = np.zeros(local, np.float32)
-    for r, p in enumerate(ids):
-      if pieces.start[p] == 0:
-        batch["words"][r] = split.words[pieces.sentence[p]]
+  first = 0
+  while first < len(pieces):
+    if mode == "sentence":
+      count = min(global_batch, len(pieces) - first)
+      layout = sentence_layout(np.arange(count))
+    else:
+      layout, count = pack(pieces.length[first:first + global_batch * seq_len], global_batch,
+                           seq_len, slot)
+    mine = (layout.row >= lo) & (layout.row < lo + local)
+    yield build_rows(split, pieces, Layout(layout.piece[mine] + first, layout.row[mine] - lo,
+                                           layout.offset[mine]), local, seq_len, words=True)
+    first += count
+
+
+def _stream_eval_batches(stream: Stream, global_batch: int, seq_len: int, overlap: int,
+                         lo: int, local: int) -> Iterator[dict[str, np.ndarray]]:
+  if not 0 <= overlap < seq_len:
+    raise ValueError(f"overlap={overlap} must be in [0, seq_len={seq_len})")
+  stride = seq_len - overlap
+  # window w scores targets [w * stride + (overlap if w else 0), (w + 1) * stride + overlap)
+  num_windows = max(1, -(-(stream.num_targets - overlap) // stride))
+  for first_window in range(0, num_windows, global_batch):
+    batch = empty_batch(local, seq_len)
+    batch["words"] = np.zeros((local, seq_len), np.float32)
+    for row in range(local):
+      w = first_window + lo + row
+      if w >= num_windows:
+        break
+      first = w * stride
+      width = min(seq_len, stream.num_targets - first)
+      stream.window(batch, row, first, width, first + (overlap if w else 0), words=True)
     yield batch
 
 

@@ -1,8 +1,8 @@
 """Evaluation: per-token and per-word perplexity over a whole split.
 
-`Evaluator.run` feeds eval batches (every sentence of the split exactly once, see
-lm1b.batches.eval_batches) through the jitted eval step, which returns sums, and adds them up
-on the host in float64:
+`Evaluator.run` feeds eval batches (every target of the split exactly once, in any batch mode,
+see lm1b.batches.eval_batches) through the jitted eval step, which returns sums, and adds them
+up on the host in float64:
 
   tokens               = scored targets (sentence tokens + one EOS each)
   words                = whitespace words + 1 per sentence
@@ -97,9 +97,10 @@ def evaluate_workdir(workdir: str, *, step: int | None = None, split: str = "tes
   index, count = partitioning.batch_shard(loaded.mesh)
   input_config.check_processes(count)
   evaluator = Evaluator(loaded.model_config, loaded.mesh, loaded.param_shardings)
-  result = evaluator.run(loaded.params, input_pipeline.eval_batches(
-      data.splits[split], input_config, process_index=index, process_count=count),
-                         step=loaded.step)
+  batches = input_pipeline.eval_batches(
+      data.splits[split], input_config, slot=experiment.packing_slot_for(loaded.model_config),
+      process_index=index, process_count=count)
+  result = evaluator.run(loaded.params, batches, step=loaded.step)
   result.update(split=split, mode=input_config.mode, test_set=data.descriptions[split])
   path = output or workdir_lib.eval_json_path(workdir, split, loaded.step)
   if jax.process_index() == 0:

@@ -12,6 +12,7 @@ constraints of the model hold for init as for every step.
 """
 
 import dataclasses
+import functools
 import logging
 import os
 from typing import Any
@@ -22,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import hattention
+from lm1b import batches as batches_lib
 from lm1b import checkpoints
 from lm1b import model as model_lib
 from lm1b import optim
@@ -68,6 +71,20 @@ def resolve_model_config(config: model_lib.ModelConfig, vocab_size: int,
               vocab_size)
     config = dataclasses.replace(config, vocab_size=vocab_size)
   return config
+
+
+def packing_slot_for(config: model_lib.ModelConfig) -> batches_lib.Slot:
+  """Where a piece may sit in a packed row so that it gets exactly the attention, hence the
+  logits, it would get alone in a row: hierarchical attention needs aligned offsets and
+  reserved spans (hattention.packing_slot), full attention none."""
+  if config.attention == "full":
+    return batches_lib.contiguous_slot
+  return functools.partial(_hierarchical_slot, block_size=config.block_size)
+
+
+def _hierarchical_slot(length: int, *, block_size: int) -> tuple[int, int]:
+  slot = hattention.packing_slot(length, block_size)
+  return slot.alignment, slot.span
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,14 +30,17 @@ class InputConfig:
   """What the batches look like (gin selector `build_inputs`).
 
   global_batch: rows per training batch (all processes together); seq_len: positions per row;
-  mode: how rows are filled (lm1b.batches.MODES); seed: the data order;
-  eval_global_batch: rows per evaluation batch (default global_batch).
+  mode: how rows are filled, in training and evaluation (lm1b.batches.MODES); seed: the data
+  order; eval_global_batch: rows per evaluation batch (default global_batch); eval_overlap:
+  in stream mode, context positions shared by consecutive evaluation windows (0: disjoint
+  windows; more: every target scored once with at least that much left context).
   """
   global_batch: int = 64
   seq_len: int = 128
   mode: str = "sentence"
   seed: int = 0
   eval_global_batch: int | None = None
+  eval_overlap: int = 0
 
   def __post_init__(self):
     for name in ("global_batch", "seq_len"):
@@ -50,6 +53,9 @@ class InputConfig:
                         "a positive int")
     if self.mode not in batches_lib.MODES:
       raise ConfigError(f"build_inputs.mode={self.mode!r} must be one of {batches_lib.MODES}")
+    if not isinstance(self.eval_overlap, int) or not 0 <= self.eval_overlap < self.seq_len:
+      raise ConfigError(f"build_inputs.eval_overlap={self.eval_overlap!r} must be an int in "
+                        f"[0, seq_len={self.seq_len})")
 
   @property
   def eval_batch(self) -> int:
@@ -110,16 +116,22 @@ def prepare_data(workdir: str | os.PathLike, source: sources.SentenceSource,
 
 
 def train_batches(split: token_cache.TokenizedSplit, config: InputConfig, *,
-                  process_index: int, process_count: int) -> batches_lib.TrainBatches:
-  """This process's rows of the run's training batches (resumable, see TrainBatches)."""
+                  slot: batches_lib.Slot, process_index: int,
+                  process_count: int) -> batches_lib.TrainBatches:
+  """This process's rows of the run's training batches (resumable, see TrainBatches).
+
+  slot: where a piece may sit in a packed row (lm1b.experiment.packing_slot_for the model).
+  """
   return batches_lib.TrainBatches(
       split, global_batch=config.global_batch, seq_len=config.seq_len, mode=config.mode,
-      seed=config.seed, process_index=process_index, process_count=process_count)
+      seed=config.seed, process_index=process_index, process_count=process_count, slot=slot)
 
 
 def eval_batches(split: token_cache.TokenizedSplit, config: InputConfig, *,
-                 process_index: int, process_count: int) -> Iterator[dict]:
-  """This process's rows of the batches that score every sentence of `split` once."""
+                 slot: batches_lib.Slot, process_index: int,
+                 process_count: int) -> Iterator[dict]:
+  """This process's rows of the batches that score every target of `split` once."""
   return batches_lib.eval_batches(
-      split, global_batch=config.eval_batch, seq_len=config.seq_len,
-      process_index=process_index, process_count=process_count)
+      split, global_batch=config.eval_batch, seq_len=config.seq_len, mode=config.mode,
+      slot=slot, overlap=config.eval_overlap, process_index=process_index,
+      process_count=process_count)

@@ -2,8 +2,8 @@
 
 A batch is a dict of global arrays sharded by `partitioning.batch_sharding`:
 inputs/targets/positions/segment_ids int32 [B, L], weights float32 [B, L] (1 on real targets),
-and for evaluation words float32 [B] (the word count of the sentence whose first target a row
-holds). Metrics come back as replicated float32 scalars, summed over the batch.
+and for evaluation words float32 [B, L] (on a sentence's first target: its word count + 1).
+Metrics come back as replicated float32 scalars, summed over the batch.
 """
 
 from typing import Any

@@ -169,8 +169,9 @@ class Trainer:
                                            enabled=jax.process_index() == 0)
     self.batch_sharding = partitioning.batch_sharding(spec.mesh)
     self.shard_index, self.shard_count = partitioning.batch_shard(spec.mesh)
+    self.slot = experiment.packing_slot_for(self.model_config)
     self.batches = input_pipeline.train_batches(
-        data.splits["train"], input_config, process_index=self.shard_index,
+        data.splits["train"], input_config, slot=self.slot, process_index=self.shard_index,
         process_count=self.shard_count)
     self.throughput = Throughput(
         input_config.global_batch * input_config.seq_len,
@@ -252,8 +253,8 @@ class Trainer:
     """Evaluates the test split (at most max_batches batches); None if a stop abandoned it."""
     self.drain()
     batches = Prefetcher(input_pipeline.eval_batches(
-        self.data.splits["test"], self.input_config, process_index=self.shard_index,
-        process_count=self.shard_count))
+        self.data.splits["test"], self.input_config, slot=self.slot,
+        process_index=self.shard_index, process_count=self.shard_count))
     with self.throughput.untimed(), batches:
       result = self.evaluator.run(self.state.params, batches, max_batches=max_batches,
                                   step=self.step, should_stop=self.stop.requested_now)

@@ -47,7 +47,8 @@ def one_epoch(it):
 
 
 def check_layout(b):
-  """Weights exactly on segments; padding is all PAD/0; positions restart per segment."""
+  """Weights exactly on segments; padding is all PAD/0; segments are contiguous runs numbered
+  1, 2, ... by column; positions restart per segment; targets continue the inputs."""
   seg, w = b["segment_ids"], b["weights"]
   np.testing.assert_array_equal(w, (seg > 0).astype(np.float32))
   for key in ("inputs", "targets", "positions"):
@@ -57,11 +58,12 @@ def check_layout(b):
     used = s[s > 0]
     assert (np.diff(used) >= 0).all() and (np.diff(used) <= 1).all()  # 1,1,2,2,2,3..
     assert used.size == 0 or used[0] == 1
-    assert (s[used.size:] == 0).all()  # padding only at the end
     for k in np.unique(used):
-      np.testing.assert_array_equal(pos[s == k], np.arange(np.sum(s == k)))
-      # targets continue the inputs within a segment
-      np.testing.assert_array_equal(b["inputs"][row][s == k][1:], b["targets"][row][s == k][:-1])
+      columns = np.flatnonzero(s == k)
+      assert (np.diff(columns) == 1).all()  # one contiguous run
+      np.testing.assert_array_equal(pos[columns], np.arange(columns.size))
+      np.testing.assert_array_equal(b["inputs"][row][columns][1:],
+                                    b["targets"][row][columns][:-1])
 
 
 def test_make_pieces_splits_long_sentences():
@@ -108,8 +110,9 @@ def test_packed_mode_packs_several_sentences(split):
   assert max(int(b["segment_ids"].max()) for b in packed) >= 2
 
 
-def test_packed_rows_are_greedy(split):
-  """A row is closed only when the next piece would not fit."""
+def test_packed_rows_are_first_fit(split):
+  """A piece goes to the first row with room; a batch ends at the first piece that fits
+  nowhere."""
   short = unique_token_split([1, 2, 1, 3, 2, 1, 1, 2])  # targets 2,3,2,4,3,2,2,3
   b = next(batches.TrainBatches(short, global_batch=8, seq_len=SEQ, mode="packed", seed=1))
   used = (b["segment_ids"] > 0).sum(axis=1)
@@ -118,7 +121,50 @@ def test_packed_rows_are_greedy(split):
   assert not b["weights"][rows:].any()
 
 
-@pytest.mark.parametrize("mode", ["sentence", "packed"])
+def aligned_slot(length):
+  """A test slot: starts at multiples of 4, reserves the length rounded up to even."""
+  return 4, length + length % 2
+
+
+def test_pack_respects_alignment_and_reserved_spans():
+  rng = np.random.default_rng(1)
+  lengths = rng.integers(1, 15, size=200)
+  layout, placed = batches.pack(lengths, num_rows=6, seq_len=32, slot=aligned_slot)
+  assert 0 < placed < 200 and layout.piece.tolist() == list(range(placed))
+  assert (layout.offset % 4 == 0).all()
+  for row in range(6):
+    mine = layout.row == row
+    spans = sorted((o, o + aligned_slot(int(n))[1])
+                   for o, n in zip(layout.offset[mine], lengths[layout.piece[mine]]))
+    assert all(end <= 32 for _, end in spans)
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
+  # the first unplaced piece fits in no row after the end of its last piece
+  ends = [max([o + aligned_slot(int(lengths[p]))[1] for p, r, o in zip(*layout) if r == row],
+              default=0) for row in range(6)]
+  need = aligned_slot(int(lengths[placed]))[1]
+  assert all(-(-end // 4) * 4 + need > 32 for end in ends)
+
+
+def test_pack_fills_alignment_gaps_with_small_pieces():
+  slot = lambda n: (8, n) if n > 3 else (1, n)  # long pieces aligned, short ones anywhere
+  layout, placed = batches.pack(np.array([5, 5, 2]), num_rows=1, seq_len=16, slot=slot)
+  assert placed == 3
+  assert layout.offset.tolist() == [0, 8, 5]  # the short piece sits in the gap 5..8
+
+
+def test_packed_batches_with_an_aligned_slot_score_every_target_once(split):
+  it = batches.TrainBatches(split, global_batch=4, seq_len=16, mode="packed", seed=2,
+                            slot=aligned_slot)
+  epoch = one_epoch(it)
+  for b in epoch:
+    check_layout(b)
+    for row in range(4):
+      starts = np.flatnonzero(np.diff(np.r_[0, b["segment_ids"][row]]) > 0)
+      assert (starts % 4 == 0).all()
+  assert scored_pairs(epoch) == expected_pairs(split)
+
+
+@pytest.mark.parametrize("mode", ["sentence", "packed", "stream"])
 def test_resume_continues_exactly(split, mode):
   kwargs = dict(global_batch=4, seq_len=SEQ, mode=mode, seed=11)
   straight = batches.TrainBatches(split, **kwargs)
@@ -149,7 +195,7 @@ def test_seed_changes_order(split):
   assert a["inputs"].tolist() != b["inputs"].tolist()
 
 
-@pytest.mark.parametrize("mode", ["sentence", "packed"])
+@pytest.mark.parametrize("mode", ["sentence", "packed", "stream"])
 def test_two_processes_get_disjoint_slices_of_the_global_batch(split, mode):
   kwargs = dict(global_batch=6, seq_len=SEQ, mode=mode, seed=5)
   whole = batches.TrainBatches(split, **kwargs)
@@ -171,27 +217,32 @@ def test_global_batch_must_divide_by_process_count(split):
     batches.TrainBatches(split, global_batch=4, seq_len=SEQ, mode="bucketed")
 
 
+def check_eval(batch_list, split, seq_len):
+  """Every target once, words on each sentence's first target, nothing on padding."""
+  for b in batch_list:
+    assert b["words"].shape == b["inputs"].shape and b["words"].dtype == np.float32
+    assert not b["words"][b["weights"] == 0].any()
+  assert scored_pairs(batch_list) == expected_pairs(split)
+  assert sum(float(b["words"].sum()) for b in batch_list) == float(split.words.sum())
+  assert sum(int((b["words"] > 0).sum()) for b in batch_list) == len(split)
+
+
+@pytest.mark.parametrize("mode", ["sentence", "packed"])
 @pytest.mark.parametrize("process_count", [1, 2])
-def test_eval_covers_every_sentence_once_with_word_counts(split, process_count):
-  per_process = [list(batches.eval_batches(split, global_batch=6, seq_len=SEQ,
+def test_eval_covers_every_sentence_once_with_word_counts(split, process_count, mode):
+  per_process = [list(batches.eval_batches(split, global_batch=6, seq_len=SEQ, mode=mode,
                                            process_index=p, process_count=process_count))
                  for p in range(process_count)]
-  counts = {len(b) for b in per_process}
-  n_pieces = len(batches.make_pieces(split, SEQ))
-  assert counts == {-(-n_pieces // 6)}
-  assert counts == {batches.num_eval_batches(split, global_batch=6, seq_len=SEQ)}
+  assert len({len(b) for b in per_process}) == 1
+  if mode == "sentence":
+    assert len(per_process[0]) == -(-len(batches.make_pieces(split, SEQ)) // 6)
   flat = [b for bs in per_process for b in bs]
   for b in flat:
-    assert b["words"].shape == (6 // process_count,) and b["words"].dtype == np.float32
     check_layout(b)
-    assert b["segment_ids"].max() <= 1
-    assert not b["words"][~b["weights"].any(axis=1)].any()  # padding rows carry no words
-  assert scored_pairs(flat) == expected_pairs(split)
-  assert sum(float(b["words"].sum()) for b in flat) == float(split.words.sum())
-  # words sit on the row whose first input is BOS (the sentence's first target)
-  for b in flat:
-    for r in range(b["words"].shape[0]):
-      assert (b["words"][r] > 0) == (b["weights"][r, 0] > 0 and b["inputs"][r, 0] == BOS_ID)
+    assert b["inputs"].shape == (6 // process_count, SEQ)
+    # words sit where a sentence's first target is predicted from BOS
+    np.testing.assert_array_equal(b["words"] > 0, (b["inputs"] == BOS_ID) & (b["weights"] > 0))
+  check_eval(flat, split, SEQ)
 
 
 def test_eval_order_and_final_padding():
@@ -200,8 +251,53 @@ def test_eval_order_and_final_padding():
   assert len(got) == 2
   firsts = [int(b["targets"][r, 0]) for b in got for r in range(4)]
   assert firsts == [4, 6, 7, 10, 11, PAD_ID, PAD_ID, PAD_ID]
-  assert got[0]["words"].tolist() == [2, 3, 4, 5] and got[1]["words"].tolist() == [6, 0, 0, 0]
+  assert got[0]["words"][:, 0].tolist() == [2, 3, 4, 5]
+  assert got[1]["words"][:, 0].tolist() == [6, 0, 0, 0]
   assert not got[1]["weights"][1:].any()
+
+
+def stream_pairs(split):
+  """(input, target) pairs of the whole stream [BOS] s1 [EOS] s2 [EOS] ..."""
+  stream = [BOS_ID]
+  for i in range(len(split)):
+    stream += split.sentence(i).tolist() + [EOS_ID]
+  return collections.Counter(zip(stream[:-1], stream[1:])), stream
+
+
+def test_stream_epoch_is_the_whole_stream_in_windows(split):
+  it = batches.TrainBatches(split, global_batch=3, seq_len=SEQ, mode="stream", seed=4)
+  epoch = one_epoch(it)
+  pairs, stream = stream_pairs(split)
+  assert scored_pairs(epoch) == pairs  # every target once, context across sentences
+  rows = [(b["inputs"][r], b["weights"][r]) for b in epoch for r in range(3)
+          if b["weights"][r].any()]
+  assert len(rows) == it.num_units == -(-(len(stream) - 1) // SEQ)
+  windows = {tuple(inputs[w > 0].tolist()) for inputs, w in rows}
+  want = {tuple(stream[i:i + SEQ][:len(stream) - 1 - i]) for i in range(0, len(stream) - 1, SEQ)}
+  assert windows == want
+  for b in epoch:
+    assert set(np.unique(b["segment_ids"])) <= {0, 1}
+    for r in range(3):
+      n = int(b["weights"][r].sum())
+      np.testing.assert_array_equal(b["positions"][r, :n], np.arange(n))
+
+
+@pytest.mark.parametrize("overlap", [0, 3])
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_stream_eval_scores_every_target_once(split, overlap, process_count):
+  per_process = [list(batches.eval_batches(split, global_batch=4, seq_len=SEQ, mode="stream",
+                                           overlap=overlap, process_index=p,
+                                           process_count=process_count))
+                 for p in range(process_count)]
+  assert len({len(b) for b in per_process}) == 1
+  flat = [b for bs in per_process for b in bs]
+  pairs, _ = stream_pairs(split)
+  assert scored_pairs(flat) == pairs
+  assert sum(float(b["words"].sum()) for b in flat) == float(split.words.sum())
+  assert sum(int((b["words"] > 0).sum()) for b in flat) == len(split)
+  context = [int((b["weights"][r] == 0).sum() - (b["segment_ids"][r] == 0).sum())
+             for b in flat for r in range(b["inputs"].shape[0]) if b["weights"][r].any()]
+  assert context[0] == 0 and set(context[1:]) == {overlap}  # context positions, unscored
 
 
 def test_to_global_arrays_on_one_device(split):

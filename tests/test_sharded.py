@@ -10,6 +10,7 @@ micro corpus and token cache of test_train's `micro` fixture.
 import json
 import pathlib
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -119,3 +120,30 @@ def test_one_device_eight_devices_and_two_processes_train_alike(micro, tmp_path)
     assert final_eval(workdir)["loss"] == pytest.approx(single.final_eval["loss"], rel=LOSS_RTOL)
     for ours, theirs in zip(reference, final_params(workdir), strict=True):
       np.testing.assert_allclose(theirs, ours, rtol=0, atol=PARAM_ATOL, err_msg=name)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_an_agreed_step(micro, tmp_path):
+  corpus_dir, data_root = micro
+  params = micro_params(corpus_dir, num_steps=100000, checkpoint_every=1000,
+                        stop_check_every=4)
+  env, port = subprocess_env(data_root), free_port()
+  processes = [launch(tmp_path, params + MESH, env, devices=4, process=(i, 2, port))
+               for i in range(2)]
+  try:
+    lines = []
+    for line in processes[0].stdout:
+      lines.append(line)
+      if re.match(r"step \d+/100000", line):
+        processes[0].send_signal(signal.SIGTERM)  # process 1 gets no signal
+        break
+    outputs = finish(processes)
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+  output = "".join(lines) + outputs[0]
+  match = re.search(r"SIGTERM: saved checkpoint at step (\d+), exiting", output)
+  assert match, output
+  step = int(match.group(1))
+  assert step % 4 == 0  # the step where both processes compared their flags
+  assert checkpoints.Checkpointer(tmp_path / "checkpoints").all_steps() == [step]
