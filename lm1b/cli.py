@@ -171,7 +171,8 @@ def _run(function: Callable[[], object]) -> int:
   except ConfigError as error:
     print(f"error: {error}", file=sys.stderr)
     return EXIT_CONFIG_ERROR
-  except (train.NonFiniteLossError, FileNotFoundError, ValueError) as error:
+  except (train.NonFiniteLossError, train.checkpoints.CheckpointError, FileNotFoundError,
+          ValueError) as error:
     logging.debug("failure", exc_info=True)
     print(f"error: {_one_line(error)}", file=sys.stderr)
     return EXIT_FAILURE

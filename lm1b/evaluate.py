@@ -150,16 +150,17 @@ def load_workdir(workdir: str, step: int | None = None) -> Loaded:
   spec = train.make_state_spec(model_config, tx, mesh, inputs.seq_len)
   checkpointer = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
                                           async_save=False)
+  abstract = {"params": spec.abstract.params}  # the optimizer state is not read
   try:
     if step is None:
-      restored = checkpointer.restore_latest_valid(spec.abstract)
+      restored = checkpointer.restore_latest_valid(abstract)
       if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+        raise checkpoints.NoCheckpointError(f"no checkpoint in {checkpointer.directory}")
     else:
-      restored = checkpointer.restore(spec.abstract, step)
+      restored = checkpointer.restore(abstract, step)
   finally:
     checkpointer.close()
-  return Loaded(model_config, restored.state.params, restored.step, inputs, spec)
+  return Loaded(model_config, restored.items["params"], restored.step, inputs, spec)
 
 
 def evaluate_workdir(workdir: str, *, step: int | None = None, split: str = "test",

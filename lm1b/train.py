@@ -75,6 +75,17 @@ class TrainState:
   step: jax.Array
   rng: jax.Array
 
+  def checkpoint_items(self) -> dict:
+    """The checkpoint's items (params and opt_state each restorable on their own)."""
+    return {"params": self.params, "opt_state": self.opt_state,
+            "train": {"step": self.step, "rng": self.rng}}
+
+  @classmethod
+  def from_checkpoint_items(cls, items: dict) -> "TrainState":
+    """The inverse of checkpoint_items."""
+    return cls(params=items["params"], opt_state=items["opt_state"],
+               step=items["train"]["step"], rng=items["train"]["rng"])
+
 
 @dataclasses.dataclass(frozen=True)
 class StateSpec:
@@ -374,13 +385,14 @@ class Trainer:
 
   # -- state ---------------------------------------------------------------------------------
   def restore_or_init(self) -> None:
-    restored = self.checkpointer.restore_latest_valid(self.spec.abstract)
+    restored = self.checkpointer.restore_latest_valid(self.spec.abstract.checkpoint_items())
     if restored is None:
       self.state = init_state(self.spec, self.loop.seed)
       self.step = 0
       say(f"starting from scratch in {self.workdir}")
       return
-    self.state, self.step = restored.state, restored.step
+    self.state = TrainState.from_checkpoint_items(restored.items)
+    self.step = restored.step
     self.inputs.train.restore(restored.data_state)
     say(f"resumed from {self.checkpointer.step_path(restored.step)} (step {restored.step})")
 
@@ -388,7 +400,8 @@ class Trainer:
     """Saves the current step (checked finite first) if due, or always with force."""
     self.drain()
     with self._untimed():
-      started = self.checkpointer.save(self.step, self.state, self.inputs.train.state(),
+      started = self.checkpointer.save(self.step, self.state.checkpoint_items(),
+                                       self.inputs.train.state(),
                                        self.config_text, force=force)
     if started:
       _LOG.info("checkpoint for step %d started", self.step)
