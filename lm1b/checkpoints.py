@@ -1,52 +1,121 @@
-"""Orbax checkpoints of the training state, the data-iterator state and the gin config.
+"""Checksummed Orbax checkpoints: named array items, the data-iterator state and the config.
 
-Each step directory holds three items of one `orbax.checkpoint.CheckpointManager`:
+Each step directory is one step of an `orbax.checkpoint.CheckpointManager` and holds
 
-  state   the training-state PyTree (params, opt_state, step, rng as raw uint32 key data),
-          saved with StandardSave and restored onto the shardings of an abstract state;
-  data    the data-iterator state dict (JSON);
-  config  {"gin": operative gin config text} (JSON).
+  <item>...  one StandardSave item per entry of `items` (e.g. params, opt_state, train), so
+             one item can be restored without reading the others (eval and sampling read
+             `params` only);
+  data       the data-iterator state (JSON);
+  config     {"gin": operative gin config text} (JSON);
+  checksums  {"arrays": {"<item>/<tree path>": 16 hex digits}, "data": sha256,
+             "config": sha256} (JSON): see lm1b.checksum.
 
-Saves are asynchronous by default; orbax writes into a temporary directory and renames it
-when complete, so an interrupted save never shows up as a step. A finalised step that is
-later damaged (truncated or missing files) is detected at restore time, and
-`restore_latest_valid` falls back to the previous step.
+A restore verifies the checksums of what it read, so a flipped bit or an overwritten byte
+in an array file (which Orbax and TensorStore read back without complaint) is reported as
+CorruptCheckpointError naming the step directory and the first array that differs.
+`restore_latest_valid` falls back past damaged steps, `quarantine` moves them to
+`<directory>/corrupt/` so that their step numbers can be saved again.
+
+Saves are asynchronous by default; Orbax writes into a temporary directory and renames it
+when complete, so an interrupted save never shows up as a step. `check_for_errors` notices
+a failed background write at once (Orbax itself reports it at the next save).
+
+Errors are one line (CheckpointError and subclasses). Orbax's own log records, with their
+tracebacks, are kept off the console unless the `lm1b.checkpoints` logger is at DEBUG.
 """
 
+import functools
 import logging
 import os
-from typing import Any, NamedTuple
+import sys
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from lm1b import checksum
+
 _LOG = logging.getLogger(__name__)
-ARRAY_ITEMS = ("params", "opt_state", "train")
-_ITEMS = ARRAY_ITEMS + ("data", "config")
+_DATA, _CONFIG, _CHECKSUMS = "data", "config", "checksums"
+RESERVED_ITEMS = (_DATA, _CONFIG, _CHECKSUMS)
+CORRUPT_DIR = "corrupt"
+_MAX_LISTED = 4
 
 
 class CheckpointError(Exception):
-  """A checkpoint that cannot be used; the message is one line naming it."""
+  """Base of the checkpoint errors; the message is one line."""
+
+
+class CorruptCheckpointError(CheckpointError):
+  """A step that cannot be read back as it was written (unreadable file, checksum mismatch)."""
+
+  def __init__(self, path: str, reason: str):
+    super().__init__(f"checkpoint {path} is damaged: {reason}")
+    self.path, self.reason = path, reason
+
+
+class CheckpointMismatchError(CheckpointError):
+  """The checkpoint holds arrays of other shapes/dtypes (or paths) than the model expects."""
+
+
+class CheckpointWriteError(CheckpointError):
+  """A save failed (in the background for asynchronous saves)."""
+
+
+class NoCheckpointError(CheckpointError, FileNotFoundError):
+  """The requested step (or any step) does not exist."""
+
+
+class Damaged(NamedTuple):
+  """A step skipped by `restore_latest_valid`."""
+  step: int
+  reason: str
 
 
 class Restored(NamedTuple):
-  """What `Checkpointer.restore` returns: the restored array items by name."""
+  """What `Checkpointer.restore` returns.
+
+  items: {name: PyTree of jax.Arrays} for the requested items only; damaged: newer steps
+  skipped by restore_latest_valid (newest first), empty otherwise.
+  """
   items: dict
   data_state: dict
   config_text: str
   step: int
+  damaged: list
 
 
-def _brief(error: BaseException, limit: int = 160) -> str:
-  """One short line describing an exception (orbax/tensorstore messages can be huge)."""
-  text = " ".join(str(error).split())
-  if len(text) > limit:
-    text = text[:limit] + "..."
-  return f"{type(error).__name__}: {text}"
+class ShapeDtype(NamedTuple):
+  shape: tuple
+  dtype: np.dtype
 
 
-def _plain(data_state: dict) -> dict:
+def summarize_error(error: BaseException, limit: int = 300) -> str:
+  """One readable line for an Orbax/TensorStore/OS error: its innermost cause.
+
+  Orbax wraps TensorStore failures in 'Encountered error while reading array index ...
+  See full TensorStore details: <bound method ...>'; the cause carries the real message.
+  Longer than `limit`: the middle is elided.
+  """
+  chain = [error]
+  while (chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 32:
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  innermost = chain[-1]
+  if isinstance(innermost, OSError) and innermost.strerror:
+    text = innermost.strerror + (f": {innermost.filename}" if innermost.filename else "")
+  else:
+    text = f"{type(innermost).__name__}: {innermost}"
+  text = " ".join(text.split())
+  if len(text) <= limit:
+    return text
+  half = (limit - 5) // 2  # TensorStore puts the OS error at the end: keep both ends
+  return f"{text[:half]} ... {text[-half:]}"
+
+
+def _plain(data_state: Mapping[str, Any]) -> dict:
   """Copy with numpy scalars turned into Python numbers (JSON-serialisable)."""
   return {str(k): v.item() if hasattr(v, "item") else v for k, v in data_state.items()}
 
@@ -55,10 +124,80 @@ def _is_chief() -> bool:
   return jax.process_index() == 0
 
 
-class Checkpointer:
-  """Saves and restores training checkpoints under `directory` (one sub-dir per step).
+# -- keeping Orbax's diagnostics off the console -------------------------------------------------
+_ORBAX_DIR = os.path.dirname(os.path.abspath(ocp.__file__))
 
-  Every method must be called on every process (orbax synchronises the hosts).
+
+class _OrbaxRecordFilter(logging.Filter):
+  """Drops log records emitted from Orbax's sources unless lm1b.checkpoints is at DEBUG.
+
+  Our own one-line errors say what failed; Orbax logs each failure again with tracebacks.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.pathname.startswith(_ORBAX_DIR) or _LOG.isEnabledFor(logging.DEBUG)
+
+
+def _is_abandoned_orbax_read(unraisable: Any) -> bool:
+  """After a failed restore Orbax closes its event loop while TensorStore reads are still
+  pending: their completion callbacks fail with 'Event loop is closed', and their
+  coroutines, closed later by the garbage collector, raise from Orbax's error wrapper.
+  Both are harmless and reach only sys.unraisablehook."""
+  value = unraisable.exc_value
+  if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+    return True
+  code = getattr(unraisable.object, "cr_code", None)
+  return code is not None and code.co_filename.startswith(_ORBAX_DIR)
+
+
+@functools.cache
+def _quiet_orbax() -> None:
+  """Installs the record filter and the unraisable-exception filter (once per process)."""
+  logging.getLogger("absl").addFilter(_OrbaxRecordFilter())
+  previous_hook = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _is_abandoned_orbax_read(unraisable):
+      previous_hook(unraisable)
+
+  sys.unraisablehook = hook
+
+
+# -- the checkpointer ----------------------------------------------------------------------------
+def _shapes(tree: Any) -> dict[str, ShapeDtype]:
+  """{tree path: (shape, dtype)} of the leaves of an abstract or metadata tree."""
+  return {checksum.path_name(path): ShapeDtype(tuple(leaf.shape), np.dtype(leaf.dtype))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _describe(spec: ShapeDtype) -> str:
+  return f"{spec.shape} {spec.dtype}"
+
+
+def _shape_problems(item: str, saved: dict[str, ShapeDtype],
+                    wanted: dict[str, ShapeDtype]) -> list[str]:
+  problems = []
+  for path, spec in wanted.items():
+    if path not in saved:
+      problems.append(f"{item}/{path}: not in the checkpoint")
+    elif saved[path] != spec:
+      problems.append(f"{item}/{path}: saved {_describe(saved[path])}, now {_describe(spec)}")
+  problems += [f"{item}/{path}: in the checkpoint but not in the model"
+               for path in saved if path not in wanted]
+  return problems
+
+
+def _listing(problems: Sequence[str]) -> str:
+  shown = "; ".join(problems[:_MAX_LISTED])
+  more = len(problems) - _MAX_LISTED
+  return shown + (f"; and {more} more" if more > 0 else "")
+
+
+class Checkpointer:
+  """Saves and restores checkpoints under `directory` (one sub-directory per step).
+
+  Every method must be called on every process (Orbax and the checksums synchronise the
+  hosts); process 0 alone logs and moves directories.
   """
 
   def __init__(self, directory: str | os.PathLike, *, keep: int = 3,
@@ -67,40 +206,24 @@ class Checkpointer:
       raise ValueError(f"Checkpointer keep={keep} must be >= 1")
     if save_every < 1:
       raise ValueError(f"Checkpointer save_every={save_every} must be >= 1")
+    _quiet_orbax()
     self.directory = os.fspath(os.path.abspath(directory))
     self.save_every = save_every
+    self._saving_step: int | None = None
+    self._unchecked_save = False  # a save started whose outcome nobody has looked at yet
     options = ocp.CheckpointManagerOptions(
         preservation_policy=checkpoint_managers.LatestN(n=keep),
         enable_async_checkpointing=async_save,
         create=True,
         cleanup_tmp_directories=True,
     )
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=_ITEMS)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._metadata_handler = ocp.StandardCheckpointHandler()
 
-  def should_save(self, step: int) -> bool:
-    """True on positive multiples of `save_every` not saved yet."""
-    return step > 0 and step % self.save_every == 0 and step not in self.all_steps()
-
-  def save(self, step: int, items: dict, data_state: dict, config_text: str,
-           force: bool = False) -> bool:
-    """Starts saving `step` if `should_save(step)` or `force`; returns whether it did.
-
-    items: {name: PyTree of jax/numpy arrays} for the names in ARRAY_ITEMS (no typed PRNG
-    keys: store jax.random.key_data). data_state: JSON-serialisable dict. A step that already
-    exists is never rewritten.
-    """
-    if step in self.all_steps() or not (force or self.should_save(step)):
-      return False
-    args = ocp.args.Composite(
-        **{name: ocp.args.StandardSave(tree) for name, tree in items.items()},
-        data=ocp.args.JsonSave(_plain(data_state)),
-        config=ocp.args.JsonSave({"gin": config_text}),
-    )
-    return bool(self._manager.save(step, args=args, force=True))
-
+  # -- steps ---------------------------------------------------------------------------------
   def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+    steps = self.all_steps()
+    return steps[-1] if steps else None
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -108,65 +231,210 @@ class Checkpointer:
   def step_path(self, step: int) -> str:
     return os.path.join(self.directory, str(step))
 
-  def restore(self, abstract_items: dict, step: int | None = None) -> Restored:
-    """Restores the given items of `step` (default: latest) onto their abstract shardings.
+  def should_save(self, step: int) -> bool:
+    """True on positive multiples of `save_every` not saved yet."""
+    return step > 0 and step % self.save_every == 0 and step not in self.all_steps()
 
-    abstract_items: {name: PyTree of jax.ShapeDtypeStruct (with .sharding)}, a subset of the
-    saved array items (e.g. only "params").
-    Raises FileNotFoundError when there is no such step, and whatever orbax raises when the
-    step's files are unreadable.
-    """
-    self.wait()
-    if step is None:
-      step = self.latest_step()
-    if step is None or step not in self.all_steps():
-      raise FileNotFoundError(
-          f"no checkpoint step {step} in {self.directory} (have {self.all_steps()})")
-    args = ocp.args.Composite(
-        **{name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()},
-        data=ocp.args.JsonRestore(),
-        config=ocp.args.JsonRestore(),
-    )
-    restored = self._manager.restore(step, args=args)
-    config = restored["config"]
-    if not isinstance(config, dict) or "gin" not in config:
-      raise ValueError(f"checkpoint {self.step_path(step)} has no gin config text")
-    items = {name: restored[name] for name in abstract_items}
-    return Restored(items, dict(restored["data"]), config["gin"], step)
-
-  def restore_latest_valid(self, abstract_items: dict) -> Restored | None:
-    """Restores the newest readable step, or None if there is no checkpoint at all.
-
-    An unreadable step is reported with one error line naming its directory and the next
-    older step is tried; if every step fails, the last error is raised.
-    """
-    self.wait()
+  def _existing_step(self, step: int | None) -> int:
     steps = self.all_steps()
-    if not steps:
-      return None
-    for position, step in enumerate(reversed(steps)):
-      try:
-        return self.restore(abstract_items, step)
-      except Exception as error:  # pylint: disable=broad-except
-        if position == len(steps) - 1:
-          raise ValueError(
-              f"all checkpoints in {self.directory} are unreadable (steps {steps}); "
-              f"oldest {self.step_path(step)} failed with {type(error).__name__}: {error}"
-          ) from error
-        if _is_chief():
-          _LOG.error("checkpoint %s is corrupt or incomplete (%s); falling back to an "
-                     "older step", self.step_path(step), _brief(error))
-    return None  # unreachable
+    if step is None and steps:
+      step = steps[-1]
+    if step is None or step not in steps:
+      raise NoCheckpointError(
+          f"no checkpoint step {step} in {self.directory} (have {steps or 'none'})")
+    return step
 
-  restore_latest = restore_latest_valid
+  # -- saving --------------------------------------------------------------------------------
+  def save(self, step: int, items: Mapping[str, Any], data_state: Mapping[str, Any],
+           config_text: str, *, force: bool = False) -> bool:
+    """Starts saving `step` if `should_save(step)` or `force`; returns whether it did.
+
+    items: {name: PyTree of jax/numpy arrays}, each saved as its own Orbax item (no typed
+    PRNG keys: store jax.random.key_data); names are directory names other than
+    RESERVED_ITEMS. data_state: JSON-serialisable dict. A step that exists is never
+    rewritten. Raises CheckpointWriteError if this or an earlier asynchronous save failed.
+    """
+    if step in self.all_steps() or not (force or self.should_save(step)):
+      return False
+    self.wait()  # Orbax would wait for the previous save too; this names its step if it failed
+    for name in items:
+      if name in RESERVED_ITEMS or not name.isidentifier():
+        raise ValueError(f"checkpoint item name {name!r} must be an identifier other than "
+                         f"{', '.join(RESERVED_ITEMS)}")
+    data_state = _plain(data_state)
+    record = {"arrays": checksum.tree_checksums(dict(items)),
+              "data": checksum.json_digest(data_state),
+              "config": checksum.text_digest(config_text)}
+    args = ocp.args.Composite(
+        **{name: ocp.args.StandardSave(tree) for name, tree in items.items()},
+        **{_DATA: ocp.args.JsonSave(data_state),
+           _CONFIG: ocp.args.JsonSave({"gin": config_text}),
+           _CHECKSUMS: ocp.args.JsonSave(record)})
+    self._saving_step, self._unchecked_save = step, True
+    try:
+      return bool(self._manager.save(step, args=args, force=True))
+    except Exception as error:  # pylint: disable=broad-except
+      raise self._write_error(error) from error
+
+  def _write_error(self, error: BaseException) -> CheckpointWriteError:
+    self._manager.reload()
+    step = self._saving_step
+    return CheckpointWriteError(f"saving checkpoint step {step} to {self.step_path(step)} "
+                                f"failed: {summarize_error(error)}")
+
+  def is_saving(self) -> bool:
+    """True while an asynchronous save is being written."""
+    return self._manager.is_saving_in_progress()
+
+  def check_for_errors(self) -> None:
+    """Raises CheckpointWriteError if an asynchronous save has failed; never blocks on one
+    that is still running (benchmarks/checkpoint.py measures the cost per call)."""
+    if self._unchecked_save and not self.is_saving():
+      self.wait()
 
   def wait(self) -> None:
-    """Blocks until pending asynchronous saves are on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until pending asynchronous saves are on disk; raises CheckpointWriteError if
+    one failed (once: the failed step is not listed afterwards)."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as error:  # pylint: disable=broad-except
+      raise self._write_error(error) from error
+    finally:
+      self._unchecked_save = False
 
+  # -- reading -------------------------------------------------------------------------------
+  def _saved_shapes(self, step: int, item: str) -> dict[str, ShapeDtype]:
+    """{tree path: (shape, dtype)} of one saved item, from its metadata file only."""
+    path = self._manager.directory / str(step) / item  # an etils.epath.Path
+    if not path.is_dir():
+      present = sorted(p.name for p in path.parent.iterdir() if p.is_dir())
+      raise CorruptCheckpointError(self.step_path(step),
+                                   f"no item {item!r} (has {', '.join(present) or 'none'})")
+    try:
+      metadata = self._metadata_handler.metadata(path)
+    except Exception as error:  # pylint: disable=broad-except
+      raise CorruptCheckpointError(self.step_path(step),
+                                   f"{item} metadata: {summarize_error(error)}") from error
+    return _shapes(getattr(metadata, "tree", metadata))
+
+  def check_compatible(self, abstract_items: Mapping[str, Any], step: int | None = None) -> None:
+    """Compares shapes and dtypes with the checkpoint's metadata (no array data is read).
+
+    abstract_items: {name: PyTree of objects with .shape and .dtype}. Raises
+    CheckpointMismatchError listing the differing tree paths, CorruptCheckpointError if the
+    metadata is unreadable, NoCheckpointError if there is no such step (default: latest).
+    """
+    step = self._existing_step(step)
+    problems = []
+    for item, abstract in abstract_items.items():
+      problems += _shape_problems(item, self._saved_shapes(step, item), _shapes(abstract))
+    if problems:
+      raise CheckpointMismatchError(
+          f"checkpoint {self.step_path(step)} does not match the configured model: "
+          f"{_listing(problems)}")
+
+  def restore(self, abstract_items: Mapping[str, Any], step: int | None = None) -> Restored:
+    """Restores only the given items of `step` (default: latest) and verifies them.
+
+    abstract_items: {name: PyTree of jax.ShapeDtypeStruct with .sharding}; each array is
+    read onto its sharding. The items' array checksums, the data state's and the config's
+    are checked. Raises NoCheckpointError, CheckpointMismatchError (shapes differ; nothing
+    read), CorruptCheckpointError (naming the first array that differs).
+    """
+    self.wait()
+    step = self._existing_step(step)
+    self.check_compatible(abstract_items, step)
+    args = ocp.args.Composite(
+        **{name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()},
+        **{name: ocp.args.JsonRestore() for name in RESERVED_ITEMS})
+    try:
+      restored = self._manager.restore(step, args=args)
+    except Exception as error:  # pylint: disable=broad-except
+      raise CorruptCheckpointError(self.step_path(step), summarize_error(error)) from error
+    items = {name: restored[name] for name in abstract_items}
+    config = restored[_CONFIG]
+    self._verify(step, items, restored[_DATA], config, restored[_CHECKSUMS])
+    return Restored(items, dict(restored[_DATA]), config["gin"], step, [])
+
+  def _verify(self, step: int, items: dict, data_state: Any, config: Any, record: Any) -> None:
+    """Raises CorruptCheckpointError unless everything read matches the saved checksums."""
+    def damaged(reason):
+      return CorruptCheckpointError(self.step_path(step), reason)
+    if not isinstance(record, dict) or not isinstance(record.get("arrays"), dict):
+      raise damaged("the checksums item is unreadable")
+    if not isinstance(data_state, dict) or checksum.json_digest(data_state) != record.get(
+        "data"):
+      raise damaged("the data-iterator state does not match its checksum")
+    if not isinstance(config, dict) or not isinstance(config.get("gin"), str) or (
+        checksum.text_digest(config["gin"]) != record.get("config")):
+      raise damaged("the config text does not match its checksum")
+    saved = record["arrays"]
+    for path, digest in checksum.tree_checksums(items).items():
+      if saved.get(path) != digest:
+        raise damaged(f"{path} does not match its checksum (read {digest}, saved "
+                      f"{saved.get(path)})")
+
+  def restore_latest_valid(self, abstract_items: Mapping[str, Any]) -> Restored | None:
+    """The newest step that restores and verifies, or None if there is no step at all.
+
+    Each damaged newer step is logged in one line (process 0) and listed in
+    Restored.damaged. Raises CorruptCheckpointError if every step is damaged, and
+    CheckpointMismatchError at once if the shapes differ (a configuration problem).
+    """
+    self.wait()
+    damaged = []
+    for step in reversed(self.all_steps()):
+      try:
+        return self.restore(abstract_items, step)._replace(damaged=damaged)
+      except CorruptCheckpointError as error:
+        damaged.append(Damaged(step, error.reason))
+        if _is_chief():
+          _LOG.error("%s; trying an older step", error)
+    if damaged:
+      raise CorruptCheckpointError(
+          self.directory, "every step is damaged: " + _listing(
+              [f"step {d.step}: {d.reason}" for d in damaged]))
+    return None
+
+  # -- damaged steps -------------------------------------------------------------------------
+  def quarantine(self, steps: Sequence[int]) -> list[str]:
+    """Moves the given step directories to <directory>/corrupt/<step> (never deletes).
+
+    A taken name gets a suffix (<step>.1, <step>.2, ...). Process 0 moves; afterwards every
+    process sees the new step list, and the steps' numbers can be saved again. Returns the
+    new paths (on process 0; empty elsewhere).
+    """
+    self.wait()
+    moved = []
+    if _is_chief():
+      for step in steps:
+        source = self.step_path(step)
+        if os.path.isdir(source):
+          moved.append(self._move_aside(source, str(step)))
+          _LOG.warning("moved damaged checkpoint %s to %s", source, moved[-1])
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("lm1b.checkpoints.quarantine")
+    self._manager.reload()
+    return moved
+
+  def _move_aside(self, source: str, name: str) -> str:
+    corrupt = os.path.join(self.directory, CORRUPT_DIR)
+    os.makedirs(corrupt, exist_ok=True)
+    target, suffix = os.path.join(corrupt, name), 0
+    while os.path.exists(target):
+      suffix += 1
+      target = os.path.join(corrupt, f"{name}.{suffix}")
+    os.rename(source, target)
+    return target
+
+  # -- lifetime ------------------------------------------------------------------------------
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for pending saves (raising CheckpointWriteError if one failed) and closes."""
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+      self._metadata_handler.close()
 
   def __enter__(self) -> "Checkpointer":
     return self

@@ -32,6 +32,7 @@ import jax
 
 from lm1b import checkpoints, evaluate, paths, sampling, train
 from lm1b.errors import ConfigError
+from lm1b.workdir_lock import WorkdirLockedError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_GIN_FILE = "gin/tiny.gin"
@@ -129,6 +130,8 @@ def _setup(args: argparse.Namespace, *, devices: bool = True) -> None:
   configure_logging(args.log_level)
   for noisy in ("absl", "jax._src", "orbax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  if args.verbose:  # Orbax's own records too (lm1b.checkpoints filters them otherwise)
+    logging.getLogger("lm1b.checkpoints").setLevel(logging.DEBUG)
   if not devices:
     return
   if args.multihost or os.environ.get("JAX_COORDINATOR_ADDRESS"):
@@ -173,6 +176,8 @@ def _check_output_dir(path: str | None) -> None:
 _EXIT_CODES = (
     (ConfigError, EXIT_CONFIG_ERROR),
     (ImportError, EXIT_CONFIG_ERROR),  # a missing optional dependency: the line names it
+    (checkpoints.CheckpointMismatchError, EXIT_CONFIG_ERROR),  # another model's checkpoints
+    (WorkdirLockedError, EXIT_FAILURE),
     (train.NonFiniteLossError, EXIT_FAILURE),
     (checkpoints.CheckpointError, EXIT_FAILURE),
     (FileNotFoundError, EXIT_FAILURE),

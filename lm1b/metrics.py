@@ -3,6 +3,16 @@
 Event files are written with tensorboard's own EventFileWriter and summary protos, so no
 TensorFlow is needed. Scalars are stored as `simple_value` summaries, text as tensors with
 the text plugin's metadata (what TensorBoard's scalar and text dashboards read).
+
+Resuming: a run resumed from step S redoes the steps after S, whose summaries an earlier
+process may already have written. TensorBoard's two readers treat that differently: the
+Python EventAccumulator (`--load_fast=false`) purges data with step > S when it meets a
+`SessionLog(status=START)` event at step S + 1, while the Rust data server (the default)
+ignores SessionLog and only drops, per tag, points whose step is not below a newly read
+point, so orphaned points of tags that are not written again stay. `MetricWriter(...,
+resume_step=S)` therefore rewrites the existing event files without their events after S
+(each file replaced atomically, keeping its name and order) and then writes the START event
+for readers that already loaded the old files.
 """
 
 import math
@@ -11,9 +21,43 @@ import time
 from typing import Mapping
 
 import numpy as np
+from tensorboard.backend.event_processing import event_file_loader
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.text import summary_v2 as text_summary
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from tensorboard.summary.writer.record_writer import RecordWriter
+
+EVENT_FILE_MARK = "tfevents"  # what TensorBoard looks for in an event file's name
+
+
+def event_files(logdir: str) -> list[str]:
+  """The event files directly in `logdir`, in TensorBoard's (lexicographic) reading order."""
+  if not os.path.isdir(logdir):
+    return []
+  return sorted(os.path.join(logdir, name) for name in os.listdir(logdir)
+                if EVENT_FILE_MARK in name and os.path.isfile(os.path.join(logdir, name)))
+
+
+def drop_events_after(path: str, step: int) -> int:
+  """Rewrites the event file `path` without its events whose step is > `step`.
+
+  The file is replaced atomically (a temporary file whose name TensorBoard ignores, then a
+  rename) and only if something is dropped; a truncated last record is dropped too.
+  Returns the number of events dropped.
+  """
+  records = list(event_file_loader.RawEventFileLoader(path).Load())
+  kept = [r for r in records if event_pb2.Event.FromString(r).step <= step]
+  if len(kept) == len(records) and os.path.getsize(path) == sum(len(r) + 16 for r in records):
+    return 0
+  temporary = os.path.join(os.path.dirname(path), f".rewrite-{os.getpid()}.tmp")
+  with open(temporary, "wb") as f:
+    writer = RecordWriter(f)
+    for record in kept:
+      writer.write(record)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(temporary, path)
+  return len(records) - len(kept)
 
 _MAX_LOG = math.log(np.finfo(np.float64).max)
 
@@ -22,11 +66,25 @@ class MetricWriter:
   """Writes scalar and text summaries to `logdir`; a no-op when `enabled` is False.
 
   Callers pass enabled=(jax.process_index() == 0) so that only one process writes.
+  resume_step: the step the run continues from (0 for a fresh start) when earlier processes
+  may have written to `logdir`: their events after it are removed (see the module
+  docstring); None leaves existing files alone.
   """
 
-  def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True):
+  def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True,
+               resume_step: int | None = None):
     self.logdir = os.fspath(logdir)
-    self._writer = EventFileWriter(self.logdir, flush_secs=30) if enabled else None
+    self._writer = None
+    if not enabled:
+      return
+    if resume_step is not None:
+      for path in event_files(self.logdir):
+        drop_events_after(path, resume_step)
+    self._writer = EventFileWriter(self.logdir, flush_secs=30)
+    if resume_step is not None:
+      self._writer.add_event(event_pb2.Event(
+          wall_time=time.time(), step=resume_step + 1,
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
   @property
   def enabled(self) -> bool:

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from hattention import decode_step, hierarchical_attention, init_cache, kv_cache_step
+from lm1b.errors import ConfigError
 
 ATTENTION_KINDS = ("hierarchical", "full")
 QUERY_MODES = ("sample", "fine", "mean")
@@ -66,23 +67,23 @@ class ModelConfig:
                  "max_len", "block_size"):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
-        raise ValueError(f"ModelConfig.{name}={value!r} must be a positive int")
+        raise ConfigError(f"ModelConfig.{name}={value!r} must be a positive int")
     if self.d_model % self.num_heads:
-      raise ValueError(f"ModelConfig.d_model={self.d_model} must be divisible "
+      raise ConfigError(f"ModelConfig.d_model={self.d_model} must be divisible "
                        f"by num_heads={self.num_heads}")
     if self.attention not in ATTENTION_KINDS:
-      raise ValueError(f"ModelConfig.attention={self.attention!r} must be one "
+      raise ConfigError(f"ModelConfig.attention={self.attention!r} must be one "
                        f"of {ATTENTION_KINDS}")
     if self.query_mode not in QUERY_MODES:
-      raise ValueError(f"ModelConfig.query_mode={self.query_mode!r} must be "
+      raise ConfigError(f"ModelConfig.query_mode={self.query_mode!r} must be "
                        f"one of {QUERY_MODES}")
     if not 0.0 <= self.dropout_rate < 1.0:
-      raise ValueError(f"ModelConfig.dropout_rate={self.dropout_rate!r} must "
+      raise ConfigError(f"ModelConfig.dropout_rate={self.dropout_rate!r} must "
                        "be in [0, 1)")
     try:
       jnp.dtype(self.dtype)
     except TypeError as error:
-      raise ValueError(f"ModelConfig.dtype={self.dtype!r} is not a dtype "
+      raise ConfigError(f"ModelConfig.dtype={self.dtype!r} is not a dtype "
                        "name") from error
 
   @property

@@ -36,6 +36,7 @@ from typing import Any, Iterator
 import gin
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from lm1b import batches as batches_lib
 from lm1b import checkpoints
@@ -55,6 +56,7 @@ from lm1b.console import is_chief, say
 from lm1b.errors import ConfigError
 from lm1b.prefetch import Prefetcher
 from lm1b.preemption import StopRequest, StopSignal
+from lm1b.workdir_lock import WorkdirLock, WorkdirLockedError
 
 _LOG = logging.getLogger(__name__)
 SPLITS = ("train", "test")
@@ -165,8 +167,7 @@ class Trainer:
     self.model_config = spec.model.config
     self.train_step = steps.make_train_step(spec, label_smoothing=loop.label_smoothing)
     self.evaluator = evaluate.Evaluator(self.model_config, spec.mesh, spec.shardings.params)
-    self.writer = metrics_lib.MetricWriter(os.path.join(workdir, "tensorboard"),
-                                           enabled=jax.process_index() == 0)
+    self.writer: metrics_lib.MetricWriter | None = None  # opened once the step is known
     self.batch_sharding = partitioning.batch_sharding(spec.mesh)
     self.shard_index, self.shard_count = partitioning.batch_shard(spec.mesh)
     self.slot = experiment.packing_slot_for(self.model_config)
@@ -186,17 +187,25 @@ class Trainer:
 
   # -- state ---------------------------------------------------------------------------------
   def restore_or_init(self) -> None:
+    """The newest intact checkpoint (damaged newer ones are moved aside, so that their steps
+    are saved again), or a fresh state; then the TensorBoard writer from that step."""
     restored = self.checkpointer.restore_latest_valid(
         experiment.checkpoint_items(self.spec.abstract))
     if restored is None:
       self.state = experiment.init_state(self.spec, self.loop.seed)
       self.step = 0
       say(f"starting from scratch in {self.workdir}")
-      return
-    self.state, self.step = experiment.state_from_items(restored.items), restored.step
-    self.batches.restore(restored.data_state)
-    self.data_state = self.batches.state()
-    say(f"resumed from {self.checkpointer.step_path(restored.step)} (step {restored.step})")
+    else:
+      if restored.damaged:
+        moved = self.checkpointer.quarantine([damaged.step for damaged in restored.damaged])
+        say(f"moved damaged checkpoints aside: {', '.join(moved)}")
+      self.state = experiment.state_from_items(restored.items)
+      self.step = restored.step
+      self.batches.restore(restored.data_state)
+      self.data_state = self.batches.state()
+      say(f"resumed from {self.checkpointer.step_path(restored.step)} (step {restored.step})")
+    self.writer = metrics_lib.MetricWriter(os.path.join(self.workdir, "tensorboard"),
+                                           enabled=is_chief(), resume_step=self.step)
 
   def save(self, *, force: bool = False) -> None:
     """Saves the current step (checked finite first) if due, or always with force."""
@@ -301,6 +310,7 @@ class Trainer:
         batch, self.data_state = next(batches)
         self.state, step_metrics = self.train_step(self.state, batch)
         self.step += 1
+        self.checkpointer.check_for_errors()  # a failed asynchronous save stops the run now
         self._pending.append((self.step, step_metrics))
         if self.step == first_step + 1:  # includes compilation: kept out of the timings
           jax.block_until_ready(step_metrics)
@@ -345,22 +355,31 @@ class Trainer:
         f"{result.unigram_perplexity:.2f} of the corpus")
 
   def close(self) -> None:
-    self.writer.close()
+    if self.writer is not None:
+      self.writer.close()
 
 
 @contextlib.contextmanager
-def _opened_workdir(workdir: str) -> Iterator[None]:
-  """Creates the workdir if needed; removes it again if this run created it and fails
-  before writing anything into it."""
-  existed = os.path.isdir(workdir)
-  if is_chief():
-    os.makedirs(workdir, exist_ok=True)
+def _locked_workdir(workdir: str) -> Iterator[None]:
+  """The workdir, held by the chief process's WorkdirLock (created if needed, removed again
+  if this run created it and wrote nothing). Every process learns whether the lock was taken,
+  so that none waits for a chief that gave up."""
+  lock = WorkdirLock(workdir, enabled=is_chief())
+  refused = None
+  try:
+    lock.acquire()
+  except WorkdirLockedError as error:
+    refused = error
+  if jax.distributed.is_initialized() and jax.process_count() > 1:
+    flags = multihost_utils.process_allgather(np.array([refused is not None], np.int32))
+    if refused is None and flags.max():
+      refused = WorkdirLockedError(f"process 0 could not lock {workdir}")
+  if refused is not None:
+    raise refused
   try:
     yield
-  except BaseException:
-    if not existed and is_chief() and os.path.isdir(workdir) and not os.listdir(workdir):
-      os.rmdir(workdir)
-    raise
+  finally:
+    lock.release()
 
 
 def prepare_only(workdir: str) -> input_pipeline.PreparedData:
@@ -372,7 +391,7 @@ def prepare_only(workdir: str) -> input_pipeline.PreparedData:
   input_pipeline.InputConfig()
   workdir_lib.check_config(workdir, config_text)
   source = sources.make_source(splits=SPLITS)
-  with _opened_workdir(workdir):
+  with _locked_workdir(workdir):
     data = input_pipeline.prepare_data(workdir, source, SPLITS)
     workdir_lib.write_config(workdir, config_text)
   for split in SPLITS:
@@ -414,7 +433,7 @@ def train_and_evaluate(workdir: str, *, num_steps: int = gin.REQUIRED, log_every
   say(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
       f"device(s), {jax.process_count()} process(es)")
   try:
-    with _opened_workdir(workdir), StopRequest(stop_check_every) as stop:
+    with _locked_workdir(workdir), StopRequest(stop_check_every) as stop:
       result = _train_in_workdir(workdir, loop, model_config, input_config, optimizer, mesh,
                                  source, config_text, stop)
   except StopSignal as stopped:
@@ -439,6 +458,8 @@ def _train_in_workdir(workdir: str, loop: LoopConfig, model_config: model_lib.Mo
   with checkpoints.Checkpointer(
       os.path.join(workdir, "checkpoints"), keep=loop.keep_checkpoints,
       save_every=loop.checkpoint_every, async_save=loop.async_checkpoints) as checkpointer:
+    if checkpointer.latest_step() is not None:  # names differing shapes before any write
+      checkpointer.check_compatible(experiment.checkpoint_items(spec.abstract))
     if is_chief():
       workdir_lib.write_config(workdir, config_text)
     trainer = Trainer(workdir, loop, data, input_config, spec, checkpointer, config_text, stop)

@@ -1,8 +1,10 @@
 """Tests of lm1b/cli.py and the top-level scripts: train -> eval -> sample, gin errors, exit
 codes, TensorBoard files, corrupt-checkpoint fallback, and the shipped gin configs."""
 
+import errno
 import json
 import logging
+import os
 import pathlib
 import re
 import shutil
@@ -12,7 +14,9 @@ import sys
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from lm1b import checkpoints, cli, model
+from orbax.checkpoint._src.path import atomicity
+
+from lm1b import checkpoints, cli, model, workdir_lock
 from test_train import REPO, gin_flags, micro, micro_params, subprocess_env  # noqa: F401
 
 NUM_STEPS = 4
@@ -191,3 +195,89 @@ def test_shipped_gin_configs(name, attention, target):
   if target is not None:
     assert config.block_size == 16 and config.num_layers == 6
     assert abs(model.count_params(config) - target) <= 0.02 * target
+
+
+def one_error_line(stderr: str) -> str:
+  """The single 'error: ...' line of stderr (log lines aside); asserts there is no traceback."""
+  errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and "Traceback" not in stderr, stderr
+  return errors[0]
+
+
+def _overwrite_middle(directory: pathlib.Path, count: int = 64) -> None:
+  """Overwrites `count` bytes in the middle of the largest file under directory."""
+  path = max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  with open(path, "r+b") as f:
+    f.seek(path.stat().st_size // 2)
+    f.write(bytes(range(count)))
+
+
+def test_damaged_latest_checkpoint_is_moved_aside_and_its_step_saved_again(
+    micro, trained, tmp_path, capsys):
+  workdir = tmp_path / "copy"
+  shutil.copytree(trained, workdir)
+  (workdir / f"eval_test_{NUM_STEPS}.json").unlink()
+  _overwrite_middle(workdir / "checkpoints" / str(NUM_STEPS) / "params")
+  params = micro_params(micro[0], num_steps=NUM_STEPS, eval_every=2, sample_every=2,
+                        checkpoint_every=2, peak_flops_per_device=1e11)
+  assert cli.train_main(["--workdir", str(workdir), *gin_flags(params)]) == 0
+  out = capsys.readouterr().out
+  assert "resumed from" in out and "(step 2)" in out and "moved damaged checkpoints" in out
+  assert (workdir / "checkpoints" / "corrupt" / str(NUM_STEPS)).is_dir()  # kept, not deleted
+  assert checkpoints.Checkpointer(workdir / "checkpoints").all_steps() == [2, NUM_STEPS]
+  assert json.loads((workdir / f"eval_test_{NUM_STEPS}.json").read_text())["step"] == NUM_STEPS
+  assert cli.eval_main(["--workdir", str(workdir), "--output", str(tmp_path / "e.json")]) == 0
+  assert json.loads((tmp_path / "e.json").read_text())["step"] == NUM_STEPS
+  accumulator = event_accumulator.EventAccumulator(str(workdir / "tensorboard"))
+  accumulator.Reload()  # the replayed steps 3 and 4 appear once
+  assert [e.step for e in accumulator.Scalars("train/loss")] == list(range(1, NUM_STEPS + 1))
+
+
+def test_second_trainer_on_a_locked_workdir_is_refused(micro, trained, capsys):
+  before = sorted(p.name for p in trained.iterdir())
+  params = micro_params(micro[0], num_steps=NUM_STEPS + 2)
+  with workdir_lock.WorkdirLock(trained):
+    assert cli.train_main(["--workdir", str(trained), *gin_flags(params)]) == 1
+  error = one_error_line(capsys.readouterr().err)
+  assert f"pid {os.getpid()}" in error, error
+  assert sorted(p.name for p in trained.iterdir()) == before
+
+
+def test_shape_mismatch_without_config_names_the_shapes_and_writes_nothing(micro, trained,
+                                                                           tmp_path, capsys):
+  workdir = tmp_path / "copy"
+  shutil.copytree(trained, workdir)
+  (workdir / "config.gin").unlink()
+  params = micro_params(micro[0], num_steps=NUM_STEPS + 2) + ["ModelConfig.d_model = 48"]
+  assert cli.train_main(["--workdir", str(workdir), *gin_flags(params)]) == 2
+  error = one_error_line(capsys.readouterr().err)
+  assert "attention/out/kernel: saved (2, 16, 32) float32, now (2, 24, 48) float32" in error
+  assert not (workdir / "config.gin").exists()
+
+
+def test_bad_binding_value_exits_2_before_anything_is_written(micro, tmp_path, capsys):
+  workdir = tmp_path / "w"
+  params = micro_params(micro[0]) + ['ModelConfig.d_model = "big"']
+  assert cli.train_main(["--workdir", str(workdir), *gin_flags(params)]) == 2
+  assert "ModelConfig.d_model='big'" in capsys.readouterr().err
+  assert not workdir.exists()
+
+
+def test_failed_asynchronous_save_stops_the_run_at_once(micro, tmp_path, monkeypatch, capsys):
+  """Step 5's save fails in Orbax's background thread (its final rename); no other step is a
+  save step, so without the per-step check the failure would only surface at the final save
+  of step 1000."""
+  def no_space(self):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.get()))
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", no_space)
+  should_save = checkpoints.Checkpointer.should_save
+  monkeypatch.setattr(checkpoints.Checkpointer, "should_save",
+                      lambda self, step: step == 5 and should_save(self, step))
+  params = micro_params(micro[0], num_steps=1000, checkpoint_every=5, log_every=1)
+  assert cli.train_main(["--workdir", str(tmp_path), *gin_flags(params)]) == 1
+  captured = capsys.readouterr()
+  error = one_error_line(captured.err)
+  assert "saving checkpoint step 5" in error and "No space left on device" in error
+  last = max(int(m) for m in re.findall(r"^step (\d+)/1000", captured.out, re.MULTILINE))
+  assert 5 <= last < 1000
+  assert not (tmp_path / "checkpoints" / "5").exists()

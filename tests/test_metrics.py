@@ -3,11 +3,16 @@ line, perplexities."""
 
 import math
 import os
+import time
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tensorboard import context
 from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.compat.proto import event_pb2
+from tensorboard.data import server_ingester
+from tensorboard.util import grpc_util
 
 from lm1b import metrics
 
@@ -42,6 +47,74 @@ def test_disabled_writer_writes_nothing(tmp_path):
   writer.text(1, "t", "x")
   writer.close()
   assert not os.path.exists(tmp_path / "off")
+
+
+def _rustboard_scalars(logdir) -> dict[str, list[tuple[int, float]]]:
+  """{tag: [(step, value)]} as TensorBoard's default reader (the Rust data server) serves
+  them: the server is started on `logdir`, loads it once and is asked over gRPC."""
+  ingester = server_ingester.SubprocessServerDataIngester(
+      server_ingester.get_server_binary(), str(logdir), reload_interval=0,
+      channel_creds_type=grpc_util.ChannelCredsType.LOCAL)
+  ingester.start()
+  provider, ctx = ingester.data_provider, context.RequestContext()
+  deadline = time.monotonic() + 60
+  while time.monotonic() < deadline:  # --reload=once loads in the background
+    runs = provider.read_scalars(ctx, experiment_id="", plugin_name="scalars", downsample=100)
+    if runs:
+      (tags,) = runs.values()
+      return {tag: [(p.step, p.value) for p in points] for tag, points in tags.items()}
+    time.sleep(0.05)
+  raise TimeoutError(f"the TensorBoard data server served nothing from {logdir}")
+
+
+def _run_segment(logdir, resume_step, steps, offset):
+  """One process of a run: train/loss at `steps` (value step + offset), eval/loss and a text
+  sample at multiples of 3."""
+  with metrics.MetricWriter(logdir, resume_step=resume_step) as writer:
+    for step in steps:
+      writer.scalars(step, {"train/loss": step + offset})
+      if step % 3 == 0:
+        writer.scalars(step, {"eval/loss": step + offset})
+        writer.text(step, "samples", f"sample {step + offset}")
+  time.sleep(1.01)  # event file names carry the time in seconds
+
+
+def test_steps_redone_after_a_resume_appear_once_in_both_tensorboard_readers(tmp_path):
+  logdir = tmp_path / "tb"
+  _run_segment(logdir, 0, [1, 2, 3, 4, 5, 6, 7], 0.0)     # crashes after step 7
+  _run_segment(logdir, 3, [4, 5], 100.0)                  # resumed from 3, crashes after 5
+  _run_segment(logdir, 3, [4, 5, 6, 7, 8], 200.0)         # resumed from 3 again, finishes
+  expected_loss = [(1, 1.0), (2, 2.0), (3, 3.0), (4, 204.0), (5, 205.0), (6, 206.0),
+                   (7, 207.0), (8, 208.0)]
+  accumulator = _load(logdir)
+  assert [(e.step, e.value) for e in accumulator.Scalars("train/loss")] == expected_loss
+  assert [(e.step, e.value) for e in accumulator.Scalars("eval/loss")] == [(3, 3.0), (6, 206.0)]
+  assert [e.tensor_proto.string_val for e in accumulator.Tensors("samples")] == [
+      [b"sample 3.0"], [b"sample 206.0"]]
+  served = _rustboard_scalars(logdir)
+  assert served["train/loss"] == expected_loss
+  assert served["eval/loss"] == [(3, 3.0), (6, 206.0)]
+  assert len(metrics.event_files(str(logdir))) == 3
+  assert sorted(os.listdir(logdir)) == sorted(
+      os.path.basename(p) for p in metrics.event_files(str(logdir)))  # no temporary files
+
+
+def test_resume_marks_the_restart_and_leaves_files_alone_without_a_resume_step(tmp_path):
+  _run_segment(tmp_path, None, [1, 2, 3], 0.0)
+  (first,) = metrics.event_files(str(tmp_path))
+  size = os.path.getsize(first)
+  _run_segment(tmp_path, None, [2, 3], 100.0)
+  assert os.path.getsize(first) == size  # no resume step: nothing is dropped
+  with open(first, "ab") as f:
+    f.write(b"\x10\x00\x00")  # the torn end of a record (crash mid-write)
+  with metrics.MetricWriter(tmp_path, resume_step=1) as writer:
+    newest = writer._writer._file_name  # pylint: disable=protected-access
+  assert os.path.getsize(first) < size  # steps 2, 3 and the torn record dropped
+  events = [event_pb2.Event.FromString(r) for r in
+            metrics.event_file_loader.RawEventFileLoader(newest).Load()]
+  assert [(e.step, e.session_log.status) for e in events if e.HasField("session_log")] == [
+      (2, event_pb2.SessionLog.START)]
+  assert [(e.step, e.value) for e in _load(tmp_path).Scalars("train/loss")] == [(1, 1.0)]
 
 
 def test_perplexity():

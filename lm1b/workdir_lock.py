@@ -1,0 +1,238 @@
+"""A lock file that keeps a second training process out of a workdir.
+
+`WorkdirLock(workdir)` creates <workdir>/train.lock atomically (O_CREAT | O_EXCL) holding
+the holder's host, pid, process start time, the time it took the lock and a heartbeat that
+a daemon thread refreshes. A second holder is refused at once with WorkdirLockedError naming
+the holder. The file is removed on any exit of the `with` block (normal or exception). A lock
+left by a crash or `kill -9` is recognised as stale and taken over with a warning:
+
+* holder on this host: its pid is not running (or is a zombie), or the pid now belongs to a
+  process that started at another time (pid reuse);
+* holder on another host (a shared workdir): its heartbeat is older than `stale_after`.
+
+With several processes, only process 0 should hold the lock (pass enabled=False elsewhere).
+O_EXCL creation is atomic on local filesystems and NFSv3+; on object stores it is not.
+"""
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import NamedTuple
+
+_LOG = logging.getLogger(__name__)
+LOCK_FILE = "train.lock"
+_TAKEOVER_ATTEMPTS = 3
+
+
+class WorkdirLockedError(RuntimeError):
+  """The workdir is held by a live process; the message (one line) names it."""
+
+
+class LockInfo(NamedTuple):
+  """The contents of a lock file. start_ticks: the holder's start time in clock ticks after
+  boot (Linux /proc), None where unknown; since, heartbeat: seconds since the epoch."""
+  host: str
+  pid: int
+  start_ticks: int | None
+  since: float
+  heartbeat: float
+  token: str
+
+
+def _proc_stat_fields(pid: int) -> list[str] | None:
+  """Fields 3.. of /proc/<pid>/stat (state first), None if unavailable."""
+  try:
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+      text = f.read()
+  except OSError:
+    return None
+  return text[text.rindex(")") + 2:].split()
+
+
+def process_start_ticks(pid: int) -> int | None:
+  """When `pid` started, in clock ticks after boot (Linux); None if unknown or not running."""
+  fields = _proc_stat_fields(pid)
+  return int(fields[19]) if fields else None
+
+
+def pid_running(pid: int) -> bool:
+  """True if a process with this pid exists and is not a zombie."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  fields = _proc_stat_fields(pid)
+  return not (fields and fields[0] == "Z")
+
+
+def _format_time(seconds: float) -> str:
+  return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+
+def read_lock(path: str) -> LockInfo | None:
+  """The lock file's contents, or None if it is missing or unreadable (e.g. half written)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return LockInfo(**json.load(f))
+  except (OSError, ValueError, TypeError):
+    return None
+
+
+def stale_reason(info: LockInfo, *, stale_after: float) -> str | None:
+  """Why the holder described by `info` is gone, or None if it may still be running."""
+  if info.host == socket.gethostname():
+    if not pid_running(info.pid):
+      return f"pid {info.pid} is not running"
+    ticks = process_start_ticks(info.pid)
+    if info.start_ticks is not None and ticks is not None and ticks != info.start_ticks:
+      return f"pid {info.pid} now belongs to another process"
+    return None
+  age = time.time() - info.heartbeat
+  return f"no heartbeat for {age:.0f} s" if age > stale_after else None
+
+
+def _describe(info: LockInfo) -> str:
+  return (f"pid {info.pid} on host {info.host} since {_format_time(info.since)} "
+          f"(last heartbeat {time.time() - info.heartbeat:.0f} s ago)")
+
+
+class WorkdirLock:
+  """Context manager holding <workdir>/train.lock; see the module docstring.
+
+  heartbeat_every: seconds between heartbeats; stale_after: heartbeat age after which a
+  holder on another host counts as gone (keep it well above heartbeat_every and any clock
+  skew between hosts).
+  """
+
+  def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True,
+               heartbeat_every: float = 30.0, stale_after: float = 300.0):
+    if not 0 < heartbeat_every < stale_after:
+      raise ValueError(f"WorkdirLock needs 0 < heartbeat_every ({heartbeat_every}) < "
+                       f"stale_after ({stale_after})")
+    self.workdir = os.fspath(workdir)
+    self.path = os.path.join(self.workdir, LOCK_FILE)
+    self.enabled = enabled
+    self.heartbeat_every, self.stale_after = heartbeat_every, stale_after
+    self._info: LockInfo | None = None
+    self._created_workdir = False
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+
+  # -- taking the lock -----------------------------------------------------------------------
+  def acquire(self) -> None:
+    """Takes the lock (or a stale one over); raises WorkdirLockedError if it is held."""
+    if not self.enabled:
+      return
+    if not os.path.isdir(self.workdir):
+      os.makedirs(self.workdir)
+      self._created_workdir = True
+    now = time.time()
+    self._info = LockInfo(socket.gethostname(), os.getpid(), process_start_ticks(os.getpid()),
+                          now, now, uuid.uuid4().hex)
+    for _ in range(_TAKEOVER_ATTEMPTS):
+      if self._create():
+        self._start_heartbeat()
+        return
+      self._remove_if_stale()
+    raise WorkdirLockedError(f"could not take {self.path}: other processes keep taking it")
+
+  def _create(self) -> bool:
+    """Creates the lock file with our info; False if it already exists."""
+    try:
+      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      json.dump(self._info._asdict(), f)
+      f.flush()
+      os.fsync(f.fileno())
+    return True
+
+  def _remove_if_stale(self) -> None:
+    """Moves a stale lock away (atomic rename, so two contenders cannot both take it over);
+    raises WorkdirLockedError if the holder may be alive."""
+    holder = read_lock(self.path)
+    if holder is None:
+      holder = self._unreadable_holder()
+    reason = stale_reason(holder, stale_after=self.stale_after)
+    if reason is None:
+      raise WorkdirLockedError(f"workdir {self.workdir} is in use by {_describe(holder)}; "
+                               f"stop that run or use another --workdir (lock: {self.path})")
+    moved = f"{self.path}.stale-{self._info.token}"
+    try:
+      os.rename(self.path, moved)
+    except FileNotFoundError:
+      return  # another contender moved it first; try creating again
+    taken = read_lock(moved)
+    if taken is not None and taken.token != holder.token:  # a live lock slipped in
+      os.rename(moved, self.path)
+      raise WorkdirLockedError(f"workdir {self.workdir} is in use by {_describe(taken)}")
+    os.remove(moved)
+    _LOG.warning("took over the stale lock %s of %s: %s", self.path, _describe(holder), reason)
+
+  def _unreadable_holder(self) -> LockInfo:
+    """A lock file without valid contents: a holder between creating and writing it (fresh),
+    or one that died there (old); judged by the file's age like a foreign holder."""
+    try:
+      mtime = os.path.getmtime(self.path)
+    except OSError:
+      mtime = 0.0
+    return LockInfo("(unknown)", -1, None, mtime, mtime, "")
+
+  # -- heartbeat -----------------------------------------------------------------------------
+  def _start_heartbeat(self) -> None:
+    self._stop.clear()
+    self._thread = threading.Thread(target=self._beat, name="workdir-lock-heartbeat",
+                                    daemon=True)
+    self._thread.start()
+
+  def _beat(self) -> None:
+    while not self._stop.wait(self.heartbeat_every):
+      if not self._refresh():
+        return
+
+  def _refresh(self) -> bool:
+    """Rewrites the lock with a new heartbeat (atomic replace); False if it is not ours."""
+    current = read_lock(self.path)
+    if current is None or current.token != self._info.token:
+      _LOG.error("lock %s was taken over by %s", self.path,
+                 _describe(current) if current else "another process")
+      return False
+    self._info = self._info._replace(heartbeat=time.time())
+    temporary = f"{self.path}.beat-{self._info.token}"
+    with open(temporary, "w", encoding="utf-8") as f:
+      json.dump(self._info._asdict(), f)
+    os.replace(temporary, self.path)
+    return True
+
+  # -- releasing -----------------------------------------------------------------------------
+  def release(self) -> None:
+    """Stops the heartbeat and removes the lock file if it is still ours; removes the workdir
+    again if this lock created it and nothing else was written."""
+    if self._thread is not None:
+      self._stop.set()
+      self._thread.join()
+      self._thread = None
+    current = read_lock(self.path)
+    if self._info is not None and current is not None and current.token == self._info.token:
+      os.remove(self.path)
+    self._info = None
+    if self._created_workdir:
+      self._created_workdir = False
+      try:
+        os.rmdir(self.workdir)
+      except OSError:
+        pass  # not empty: the run wrote something
+
+  def __enter__(self) -> "WorkdirLock":
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
