@@ -10,7 +10,10 @@ consecutive steps), `decode_step` against a full-attention KV-cache step.
 Peak memory is the compiled executable's memory analysis: temp + argument + output bytes
 (XLA's static buffer assignment, not a measured resident size).
 
-  python -m benchmarks.attention [--quick] [--only decode]
+  python -m benchmarks.attention [--quick] [--only decode] [--flaxformer PATH]
+
+--flaxformer PATH (a local google/flaxformer checkout) runs only the side-by-side comparison
+with the official implementation (benchmarks/attention_peer.py) and writes its own results file.
 """
 
 import argparse
@@ -26,14 +29,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-from benchmarks import common  # noqa: E402
+from benchmarks import attention_peer, common  # noqa: E402
 from hattention import (decode_step, hierarchical_attention, init_cache,  # noqa: E402
                         kv_cache_step)
 
 BATCH, HEADS, HEAD_DIM, BLOCK = 4, 1, 64, 16
 DENSE_LIMIT_BYTES = 2 * 2**30  # skip dense attention whose logits alone exceed this
-# The official Flax implementation measured on this machine for this shape (issue 2).
-REPORTED = {"fwd": {4096: 53.0, 16384: 201.0}, "fwd+bwd": {4096: 103.0, 16384: 325.0}}
 METHODS = {
     "hierarchical sample": functools.partial(hierarchical_attention, block_size=BLOCK,
                                              query_mode="sample"),
@@ -252,23 +253,6 @@ def attention_tables(results, lengths) -> list[str]:
   return sections
 
 
-def reference_table(results) -> list[str]:
-  """Markdown: hierarchical "sample" against the reported official Flax numbers."""
-  rows = []
-  for name, reported in REPORTED.items():
-    for length, ms in reported.items():
-      ours = results.get(("hierarchical sample", length, name))
-      if ours is not None:
-        rows.append([name, length, f"{ms:.0f}", f"{ours.ms:.1f}", _ratio(ms, ours.ms)])
-  if not rows:
-    return []
-  return ["## Against the reported reference (official Flax implementation)", "",
-          "Reported reference: the issue's measurements of the official Flax implementation "
-          "on this machine for this shape; not re-measured by this script.", "",
-          common.markdown_table(["pass", "length", "reported reference ms",
-                                 "hierarchical sample ms", "reference / this"], rows), ""]
-
-
 def decoding_table(results, positions, steps: int = 64) -> list[str]:
   """Markdown: per position the time per token and cache size of the decoders."""
   rows = []
@@ -308,9 +292,6 @@ def plot(results, lengths, path: str) -> None:
                 if results[(method, n, name)] is not None]
       if points:
         axis.plot(*zip(*points), marker="o", label=method)
-    if field == "ms":
-      axis.plot(*zip(*sorted(REPORTED[name].items())), "k*", markersize=10,
-                label="reported reference (Flax)")
     axis.set(xscale="log", yscale="log", xlabel="sequence length", title=title)
     axis.set_xticks(lengths, [str(n) for n in lengths])
     axis.grid(True, which="both", alpha=0.3)
@@ -327,10 +308,19 @@ def main() -> None:
                       help="lengths 1k and 4k only, fewer repeats (smoke test)")
   parser.add_argument("--only", choices=["decode"],
                       help="run only this part and print its table (no results file)")
+  parser.add_argument("--flaxformer", metavar="PATH",
+                      help="a google/flaxformer checkout: time its hierarchical attention side "
+                      "by side with ours (only that; see benchmarks/attention_peer.py)")
   args = parser.parse_args()
   lengths = [1024, 4096] if args.quick else [1024, 4096, 16384, 65536]
   positions = [1024, 4096] if args.quick else [1024, 4096, 16384]
   repeats = 2 if args.quick else 7
+  if args.flaxformer:
+    attention_peer.run(args.flaxformer, ours=METHODS["hierarchical sample"], make_inputs=_inputs,
+                       passes=_passes, block_size=BLOCK, lengths=lengths, rounds=repeats,
+                       shape_note=f"Batch {BATCH}, {HEADS} head, head_dim {HEAD_DIM}, block "
+                       f"{BLOCK}, float32, causal.")
+    return
   decode_repeats = 5 if args.quick else 20
   if args.only == "decode":
     print("\n".join(decoding_table(measure_decoding(positions, decode_repeats), positions)))
@@ -348,7 +338,7 @@ def main() -> None:
   png = os.path.join(common.RESULTS_DIR, "attention.png")
   os.makedirs(common.RESULTS_DIR, exist_ok=True)
   plot(results, lengths, png)
-  sections = ([note, ""] + attention_tables(results, lengths) + reference_table(results)
+  sections = ([note, ""] + attention_tables(results, lengths)
               + decoding_table(decoding, positions) + ["![timings](attention.png)"])
   common.write_report(os.path.join(common.RESULTS_DIR, "attention.md"),
                       "Hierarchical attention: speed and memory", sections)

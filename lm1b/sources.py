@@ -220,12 +220,14 @@ class TarballSource(_FileSource):
 
 
 class EmbeddedSource(TarballSource):
-  """The project's synthetic grammar corpus (see lm1b.corpus), generated on first use."""
+  """The project's synthetic grammar corpus (see lm1b.corpus), generated on first use; with
+  documents=True its document variant (runs of related sentences, in file order)."""
 
   def __init__(self, root: str | os.PathLike | None = None, test_shards: Sequence[int] = (0,),
-               *, scale: float = 1.0, splits: Sequence[str] = SPLITS):
+               *, scale: float = 1.0, documents: bool = False,
+               splits: Sequence[str] = SPLITS):
     path = corpus.ensure_embedded_corpus(
-        pathlib.Path(root) if root is not None else None, scale=scale)
+        pathlib.Path(root) if root is not None else None, scale=scale, documents=documents)
     super().__init__(path, test_shards, splits)
     self.name = path.name
 
@@ -300,16 +302,19 @@ def make_source(kind: str = "embedded", path: str | None = None, train_glob: str
                 test_glob: str | None = None, test_shards: Sequence[int] = (0,),
                 tfds_name: str = "lm1b", tfds_data_dir: str | None = None,
                 splits: Sequence[str] = SPLITS) -> SentenceSource:
-  """Builds the source named by `kind`: "embedded", "tarball", "text" or "tfds".
+  """Builds the source named by `kind`: "embedded", "embedded_documents", "tarball", "text" or
+  "tfds".
 
   embedded: the synthetic corpus under `path` (a data root; default data_root()).
+  embedded_documents: the same grammar written as documents (lm1b.corpus), under `path`.
   tarball: the extracted LM1B directory `path`, test = heldout shards `test_shards`.
   text: files matching `train_glob` / `test_glob`.
   tfds: tfds.load(`tfds_name`, data_dir=`tfds_data_dir`).
   splits: the splits the caller will read (file sources check only their files).
   """
-  if kind == "embedded":
-    return EmbeddedSource(path, test_shards, splits=splits)
+  if kind in ("embedded", "embedded_documents"):
+    return EmbeddedSource(path, test_shards, documents=kind == "embedded_documents",
+                          splits=splits)
   if kind == "tarball":
     if path is None:
       raise ValueError("make_source(kind='tarball') needs path (the extracted LM1B directory)")
@@ -318,4 +323,5 @@ def make_source(kind: str = "embedded", path: str | None = None, train_glob: str
     return TextSource(train_glob, test_glob, splits)
   if kind == "tfds":
     return TfdsSource(tfds_name, tfds_data_dir)
-  raise ValueError(f"unknown source kind {kind!r}; expected embedded, tarball, text or tfds")
+  raise ValueError(f"unknown source kind {kind!r}; expected embedded, embedded_documents, "
+                   "tarball, text or tfds")

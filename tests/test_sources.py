@@ -57,6 +57,20 @@ def test_embedded_source_reads_generated_corpus(tmp_path, monkeypatch):
   assert sources.make_source().fingerprint("test") == source.fingerprint("test")
 
 
+def test_embedded_documents_kind_via_gin(tmp_path, monkeypatch, caplog):
+  monkeypatch.setattr(corpus, "TRAIN_SENTENCES_PER_SHARD", 40)
+  monkeypatch.setattr(corpus, "HELDOUT_SENTENCES_PER_SHARD", 15)
+  gin.parse_config(f"make_source.kind = 'embedded_documents'\nmake_source.path = '{tmp_path}'")
+  with caplog.at_level(logging.WARNING):
+    source = sources.make_source()
+    train, test = list(source.sentences("train")), list(source.sentences("test"))
+  assert isinstance(source, sources.EmbeddedSource) and source.name == "embedded_documents_v1"
+  assert len(train) == 320 and len(test) == 12 and not caplog.records  # 80%; no empty lines
+  default = sources.make_source("embedded", path=str(tmp_path))
+  assert set(default.sentences("train")).isdisjoint(train)
+  assert default.fingerprint("train") != source.fingerprint("train")
+
+
 def test_text_globs(tmp_path):
   _write(tmp_path / "train" / "b.txt", "second file .\n")
   _write(tmp_path / "train" / "a.txt", "first file .\n")
