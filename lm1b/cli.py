@@ -165,13 +165,14 @@ def _check_output_dir(path: str | None) -> None:
 
 def _run(function: Callable[[], object]) -> int:
   """Calls `function`, turning the project's expected failures into exit codes."""
-  from lm1b import train  # pylint: disable=import-outside-toplevel
+  from lm1b import sources, train  # pylint: disable=import-outside-toplevel
   try:
     function()
   except ConfigError as error:
     print(f"error: {error}", file=sys.stderr)
     return EXIT_CONFIG_ERROR
-  except (train.NonFiniteLossError, FileNotFoundError, ValueError) as error:
+  except (train.NonFiniteLossError, sources.DataUnavailableError, FileNotFoundError,
+          ValueError) as error:
     logging.debug("failure", exc_info=True)
     print(f"error: {_one_line(error)}", file=sys.stderr)
     return EXIT_FAILURE
