@@ -181,6 +181,15 @@ def test_installed_tfds_packages_are_the_pinned_ones():
 
 
 @pytest.mark.tfds
+def test_pinned_tfds_never_reaches_gcs():
+  """The no-network guarantees rest on this: with GCS on, TFDS reads gs://tfds-data/dataset_info
+  even for tfds.builder(try_gcs=False), through TensorFlow's own filesystem (and its retries),
+  which the socket patches here cannot see. Recheck both when the TFDS pin moves."""
+  from tensorflow_datasets.core.utils import gcs_utils  # pylint: disable=import-outside-toplevel
+  assert gcs_utils._is_gcs_disabled  # pylint: disable=protected-access
+
+
+@pytest.mark.tfds
 def test_lm1b_is_downloaded_and_prepared_from_the_archive_offline(prepared, lm1b_tarball):
   assert prepared.network_attempts == []
   info = json.loads((prepared.data_dir / "lm1b" / "1.1.0" / "dataset_info.json").read_text())
@@ -314,6 +323,21 @@ def test_train_and_eval_command_lines_prepare_and_read_lm1b_offline(lm1b_tarball
   assert evaluation.returncode == 0, evaluation.stdout + evaluation.stderr
   heldout = sources.TarballSource(lm1b_tarball.unpacked, test_shards=(0, 1))
   assert json.loads(output.read_text())["sentences"] == len(list(heldout.sentences("test")))
+
+
+@pytest.mark.tfds
+def test_incomplete_extra_is_one_line_naming_the_install_command(tmp_path, closed_port):
+  """The extra without importlib-resources (TFDS needs it but does not declare it)."""
+  workdir = tmp_path / "run"
+  code = ("import sys; sys.modules['importlib_resources'] = None; from lm1b import cli; "
+          "sys.exit(cli.train_main(sys.argv[1:]))")
+  result = _run(["-c", code, "--gin_file", "gin/lm1b_53m.gin", "--workdir", str(workdir)],
+                _offline_env(tmp_path, closed_port))
+  assert result.returncode == 1, result.stdout + result.stderr
+  line = _last_error_line(result.stderr)
+  assert line.startswith("error: TensorFlow Datasets cannot load 'lm1b'"), line
+  assert "importlib_resources" in line and line.endswith(sources.TFDS_INSTALL_HINT), line
+  assert not workdir.exists()
 
 
 @pytest.mark.tfds
