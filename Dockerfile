@@ -22,7 +22,9 @@ COPY lm1b ./lm1b
 COPY gin ./gin
 COPY train.py eval.py sample.py README.md ./
 RUN pip install --no-deps -e . \
- && python -c "import hattention, lm1b.train"
+ && python -c "import hattention, lm1b.train" \
+ && if [ "${WITH_TFDS}" = "1" ]; then \
+      python -c "import tensorflow_datasets as tfds; tfds.builder('lm1b').url_infos"; fi
 
 ENTRYPOINT ["python", "train.py"]
 CMD ["--gin_file", "gin/lm1b_53m.gin", "--workdir", "/workdir"]

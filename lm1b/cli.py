@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import gin
 import jax
 
-from lm1b import checkpoints, evaluate, paths, sampling, train
+from lm1b import checkpoints, evaluate, paths, sampling, sources, train
 from lm1b.errors import ConfigError
 from lm1b.workdir_lock import WorkdirLockedError
 
@@ -177,6 +177,7 @@ _EXIT_CODES = (
     (ConfigError, EXIT_CONFIG_ERROR),
     (ImportError, EXIT_CONFIG_ERROR),  # a missing optional dependency: the line names it
     (checkpoints.CheckpointMismatchError, EXIT_CONFIG_ERROR),  # another model's checkpoints
+    (sources.DataUnavailableError, EXIT_FAILURE),
     (WorkdirLockedError, EXIT_FAILURE),
     (train.NonFiniteLossError, EXIT_FAILURE),
     (checkpoints.CheckpointError, EXIT_FAILURE),

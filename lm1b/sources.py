@@ -13,20 +13,27 @@ import abc
 import dataclasses
 import glob
 import hashlib
+import http.client
 import io
+import json
 import logging
 import os
 import pathlib
 import re
+import urllib.error
+import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 
 import gin
 
 from lm1b import corpus
+from lm1b.errors import ConfigError
 
 MAX_LINE_CHARS = 4096
 SPLITS = ("train", "test")
 TFDS_INSTALL_HINT = "pip install -r requirements-tfds.txt"
+DOWNLOAD_CHECK_TIMEOUT_S = 10.0  # how long TfdsSource waits for a download's server to answer
+LM1B_TARBALL_DIR = "1-billion-word-language-modeling-benchmark-r13output"  # the tarball's top dir
 _READ_CHARS = 1 << 16
 _CLEANING_VERSION = 1  # part of every fingerprint: bump when clean_lines changes its output
 _WHITESPACE = re.compile(r"\s+")
@@ -253,33 +260,139 @@ class TextSource(_FileSource):
     super().__init__(files, origin)
 
 
+class DataUnavailableError(RuntimeError):
+  """A source's data cannot be had on this machine: a download is unreachable, or prepared
+  data is incomplete. The message is one line that says what to do (the command lines print
+  it and exit 1)."""
+
+
+class MissingDependencyError(DataUnavailableError, ConfigError):
+  """An optional package the configured source needs is not installed; the message names the
+  install command (the command lines exit 2, as for any configuration problem)."""
+
+
 def _import_tfds():
   try:
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   except ImportError as error:
-    raise ImportError(f"the tfds source needs TensorFlow Datasets ({error}); run: "
-                      f"{TFDS_INSTALL_HINT}") from error
+    raise MissingDependencyError(f"the tfds source needs TensorFlow Datasets ({error}); run: "
+                                 f"{TFDS_INSTALL_HINT}") from error
   return tfds
 
 
+def _url_reachable_error(url: str) -> str | None:
+  """None if the server of `url` answers a HEAD request within DOWNLOAD_CHECK_TIMEOUT_S, else why.
+
+  Any HTTP status counts as an answer; proxies from the environment are used, as TFDS does.
+  """
+  request = urllib.request.Request(url, method="HEAD")
+  try:
+    urllib.request.urlopen(request, timeout=DOWNLOAD_CHECK_TIMEOUT_S).close()
+  except urllib.error.HTTPError:
+    return None
+  except urllib.error.URLError as error:
+    return str(error.reason)
+  except (OSError, http.client.HTTPException) as error:
+    return str(error) or type(error).__name__
+  return None
+
+
+def _download_is_local(builder, url: str, expected) -> bool:
+  """Whether TFDS takes `url` from disk: its manual dir or its download cache under data_dir.
+
+  `expected` is the url's registered UrlInfo (size, checksum, filename). The places are those
+  TFDS's DownloadManager looks in before it downloads (downloads/manual/<filename>, then
+  downloads/<dataset>/<url-and-checksum name> and its older location without <dataset>/).
+  """
+  resource = _import_tfds().core.download.resource
+  downloads = builder.data_dir_root / "downloads"
+  if expected.filename and (downloads / "manual" / expected.filename).exists():
+    return True
+  cached_name = resource.get_dl_fname(url, expected.checksum)
+  return any(resource.is_locally_cached(directory / cached_name)
+             for directory in (downloads / builder.name, downloads))
+
+
+def _check_downloads_reachable(builder) -> None:
+  """Raises DataUnavailableError (one line) if a download the builder needs is neither on disk
+  nor reachable, so that a machine without network fails in seconds instead of retrying for
+  minutes. Builders that register no download checksums are not checked."""
+  for url, expected in (builder.url_infos or {}).items():
+    if _download_is_local(builder, url, expected):
+      continue
+    reason = _url_reachable_error(url)
+    if reason is not None:
+      raise DataUnavailableError(
+          f"tfds:{builder.name}: cannot reach {url} ({reason}) to download "
+          f"{builder.info.full_name} into {builder.data_dir_root}; either read the unpacked LM1B "
+          'tarball (make_source.kind = "tarball", make_source.path = "/path/to/'
+          f'{LM1B_TARBALL_DIR}") or set make_source.tfds_data_dir to a directory where '
+          f"{builder.info.full_name} is already prepared")
+
+
+def _prepared_builder(name: str, data_dir: str | None):
+  """The TFDS builder of `name`, its data prepared under data_dir (downloaded if need be).
+
+  data_dir None means TFDS's default ($TFDS_DATA_DIR, else ~/tensorflow_datasets). Prepared
+  data is used as it is, without any network access.
+  """
+  tfds = _import_tfds()
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+    # (is_prepared() alone logs a warning when the directory does not exist yet)
+    if not (builder.data_path.exists() and builder.is_prepared()):
+      _check_downloads_reachable(builder)
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  except ImportError as error:  # TFDS imports parts of itself and its dependencies lazily
+    raise MissingDependencyError(f"TensorFlow Datasets cannot load {name!r} ({error}); run: "
+                                 f"{TFDS_INSTALL_HINT}") from error
+  return builder
+
+
+def _prepared_split_identity(builder, split: str) -> dict:
+  """What identifies a prepared split: TFDS's split info (examples and bytes per shard, from
+  dataset_info.json) and each shard file's name and size; raises DataUnavailableError if the
+  split or one of its shard files is missing."""
+  location = f"tfds:{builder.name} in {builder.data_path}"
+  if split not in builder.info.splits:
+    raise DataUnavailableError(f"{location} has no {split} split (splits: "
+                               f"{sorted(builder.info.splits)})")
+  info = builder.info.splits[split]
+  shards = []
+  for filename, examples in zip(info.filenames, info.shard_lengths, strict=True):
+    path = builder.data_path / filename
+    if not path.exists():
+      raise DataUnavailableError(f"{location} is incomplete: {path} is missing; copy the whole "
+                                 f"{builder.info.full_name} directory again or delete it and "
+                                 "prepare it anew")
+    shards.append([filename, int(examples), path.stat().length])  # epath: any TFDS filesystem
+  return {"dataset": builder.info.full_name, "split": split, "num_bytes": int(info.num_bytes),
+          "shards": shards}
+
+
 class TfdsSource(SentenceSource):
-  """A TFDS text dataset (default lm1b) read through tfds.load; the "text" feature per example."""
+  """A TFDS text dataset (default lm1b), the "text" feature of each example.
+
+  Built once: the dataset is downloaded and prepared under `data_dir` if it is not there yet
+  (TFDS's lm1b: train = the 99 training shards, test = all 50 heldout shards), failing within
+  seconds with a one-line DataUnavailableError when the download cannot be reached. The
+  fingerprint identifies the prepared data, not its location: TFDS's shard lengths and bytes
+  and the shard files' sizes, so a copy elsewhere shares its token cache and other data never
+  does.
+  """
 
   def __init__(self, name: str = "lm1b", data_dir: str | None = None):
     self.tfds_name = name
     self.data_dir = data_dir
     self.name = f"tfds:{name}"
-    _import_tfds()  # fail at construction when TensorFlow Datasets is missing
-
-  def _load(self, split: str):
-    _check_split(split)
-    tfds = _import_tfds()
-    dataset = tfds.load(self.tfds_name, split=split, data_dir=self.data_dir,
-                        shuffle_files=False, try_gcs=False)
-    return tfds, dataset
+    self._builder = _prepared_builder(name, data_dir)
+    self._identity = {split: _prepared_split_identity(self._builder, split) for split in SPLITS}
 
   def sentences(self, split: str) -> Iterator[str]:
-    tfds, dataset = self._load(split)
+    _check_split(split)
+    tfds = _import_tfds()
+    dataset = self._builder.as_dataset(split=split, shuffle_files=False)
     stats = LineStats()
     chunks = (line + "\n"
               for example in tfds.as_numpy(dataset)
@@ -291,10 +404,8 @@ class TfdsSource(SentenceSource):
 
   def fingerprint(self, split: str) -> str:
     _check_split(split)
-    tfds = _import_tfds()
-    builder = tfds.builder(self.tfds_name, data_dir=self.data_dir)
-    key = f"TfdsSource|{self.tfds_name}|{builder.info.full_name}|{split}|{_CLEANING_VERSION}"
-    return hashlib.sha256(key.encode()).hexdigest()
+    key = {"source": "TfdsSource", "cleaning": _CLEANING_VERSION, **self._identity[split]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 @gin.configurable(denylist=["splits"])
@@ -309,7 +420,8 @@ def make_source(kind: str = "embedded", path: str | None = None, train_glob: str
   embedded_documents: the same grammar written as documents (lm1b.corpus), under `path`.
   tarball: the extracted LM1B directory `path`, test = heldout shards `test_shards`.
   text: files matching `train_glob` / `test_glob`.
-  tfds: tfds.load(`tfds_name`, data_dir=`tfds_data_dir`).
+  tfds: TFDS's `tfds_name` prepared under `tfds_data_dir` (default $TFDS_DATA_DIR, else
+    ~/tensorflow_datasets), downloaded and prepared there first if need be.
   splits: the splits the caller will read (file sources check only their files).
   """
   if kind in ("embedded", "embedded_documents"):
