@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from orbax.checkpoint._src.path import atomicity
 
-from lm1b import checkpoints, cli, model, workdir_lock
+from lm1b import checkpoints, cli, input_pipeline, model, workdir_lock
 from test_train import REPO, gin_flags, micro, micro_params, subprocess_env  # noqa: F401
 
 NUM_STEPS = 4
@@ -195,6 +195,38 @@ def test_shipped_gin_configs(name, attention, target):
   if target is not None:
     assert config.block_size == 16 and config.num_layers == 6
     assert abs(model.count_params(config) - target) <= 0.02 * target
+
+
+LONG_CONTEXT = sorted(p.stem for p in (REPO / "gin" / "long_context").glob("*.gin")
+                      if p.stem != "base")
+
+
+@pytest.mark.parametrize("name", LONG_CONTEXT)
+def test_long_context_configs_are_stream_rows_of_4096_tokens(name):
+  cli.parse_gin([cli.resolve_gin_file(f"gin/long_context/{name}.gin")], [])
+  config, inputs = model.ModelConfig(), input_pipeline.InputConfig()
+  assert inputs.mode == "stream" and config.max_len == inputs.seq_len == int(name.split("_")[-1])
+  assert inputs.global_batch * inputs.seq_len == max(4096, inputs.seq_len)
+  assert config.attention == ("full" if name.startswith("full") else "hierarchical")
+  assert config.num_levels == (1 if name.startswith("block_local") else None)
+
+
+def test_stream_rows_train_at_16k_and_evaluate_with_overlapping_windows(micro, tmp_path):
+  workdir = tmp_path / "long"
+  params = micro_params(micro[0], num_steps=3) + [
+      "build_inputs.seq_len = 16384", "ModelConfig.max_len = 16384",
+      "build_inputs.global_batch = 1", "build_inputs.eval_global_batch = 1"]
+  argv = ["--gin_file", "gin/long_context/sample_16384.gin", "--workdir", str(workdir)]
+  assert cli.train_main(argv + gin_flags(params)) == 0
+  result = json.loads((workdir / "eval_test_3.json").read_text())
+  assert result["mode"] == "stream" and result["sentences"] == 50
+  out = tmp_path / "overlap.json"
+  assert cli.eval_main(["--workdir", str(workdir), "--output", str(out), "--gin_param",
+                        "build_inputs.seq_len = 1024", "--gin_param",
+                        "build_inputs.eval_overlap = 512"]) == 0
+  overlapped = json.loads(out.read_text())  # same targets and words, other windows
+  assert (overlapped["tokens"], overlapped["words"]) == (result["tokens"], result["words"])
+  assert overlapped["loss"] != result["loss"]
 
 
 def one_error_line(stderr: str) -> str:
