@@ -294,7 +294,7 @@ MICRO_PARAMS = [  # a model that trains in seconds (on top of gin/lm1b_53m.gin)
     "ModelConfig.num_heads = 2", "ModelConfig.d_model = 32", "ModelConfig.d_ff = 64",
     "ModelConfig.max_len = 32", "ModelConfig.block_size = 8", 'ModelConfig.dtype = "float32"',
     "build_inputs.seq_len = 32", "build_inputs.global_batch = 8",
-    "build_inputs.eval_global_batch = 16", "make_schedule.warmup_steps = 2",
+    "build_inputs.eval_global_batch = 16", "make_schedule.warmup_steps = 1",
     "train_and_evaluate.num_steps = 2", "train_and_evaluate.log_every = 1",
     "train_and_evaluate.eval_every = 0", "train_and_evaluate.sample_every = 0",
     "train_and_evaluate.checkpoint_every = 2", "train_and_evaluate.eval_max_batches = 1",
