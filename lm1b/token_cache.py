@@ -10,6 +10,8 @@ fingerprint, the split name, the tokenizer model bytes and FORMAT_VERSION):
 
 A cache is built in a temporary sibling directory and renamed into place when complete, so a
 failed or interrupted build leaves no partial cache and an existing cache is never overwritten.
+It is built once per data root: the builder holds a lock file `.<key>.lock` beside it (see
+lm1b.workdir_lock, stale after a crash), and other processes wait for it, then read the cache.
 """
 
 import concurrent.futures
@@ -28,6 +30,7 @@ from typing import Iterator
 import numpy as np
 
 from lm1b import paths
+from lm1b.workdir_lock import WorkdirLock
 
 FORMAT_VERSION = 1
 CHUNK_SENTENCES = 10_000
@@ -179,9 +182,17 @@ def load_or_build_tokenized(source, split: str, tokenizer, *,
   root = pathlib.Path(cache_dir) if cache_dir is not None else paths.data_root() / "token_cache"
   root.mkdir(parents=True, exist_ok=True)
   final = root / cache_key(source, split, tokenizer)
-  if not (final / "meta.json").is_file():
-    logging.info("Building token cache for %s/%s in %s", source.name, split, final)
-    _build(final, source, split, tokenizer, num_threads)
-  else:
+  if (final / "meta.json").is_file():
     logging.info("Reusing token cache %s", final)
+    return load_cache(final)
+  # One process per data root builds (others, e.g. the other hosts of a pod sharing the
+  # root, wait for the lock and then find the cache); a crashed builder's lock goes stale.
+  build_lock = WorkdirLock(root, name=f".{final.name}.lock")
+  build_lock.acquire_waiting(f"the token cache {final}")
+  try:
+    if not (final / "meta.json").is_file():
+      logging.info("Building token cache for %s/%s in %s", source.name, split, final)
+      _build(final, source, split, tokenizer, num_threads)
+  finally:
+    build_lock.release()
   return load_cache(final)

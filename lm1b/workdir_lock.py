@@ -111,12 +111,13 @@ class WorkdirLock:
   """
 
   def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True,
-               heartbeat_every: float = 30.0, stale_after: float = 300.0):
+               heartbeat_every: float = 30.0, stale_after: float = 300.0,
+               name: str = LOCK_FILE):
     if not 0 < heartbeat_every < stale_after:
       raise ValueError(f"WorkdirLock needs 0 < heartbeat_every ({heartbeat_every}) < "
                        f"stale_after ({stale_after})")
     self.workdir = os.fspath(workdir)
-    self.path = os.path.join(self.workdir, LOCK_FILE)
+    self.path = os.path.join(self.workdir, name)
     self.enabled = enabled
     self.heartbeat_every, self.stale_after = heartbeat_every, stale_after
     self._info: LockInfo | None = None
@@ -229,6 +230,19 @@ class WorkdirLock:
         os.rmdir(self.workdir)
       except OSError:
         pass  # not empty: the run wrote something
+
+  def acquire_waiting(self, what: str, poll_s: float = 1.0, log_every_s: float = 30.0) -> None:
+    """Takes the lock, waiting (and logging whom for) while a live holder has it."""
+    start = last = time.monotonic()
+    while True:
+      try:
+        self.acquire()
+        return
+      except WorkdirLockedError as error:
+        if time.monotonic() - last >= log_every_s:
+          last = time.monotonic()
+          _LOG.info("waiting %.0f s for %s: %s", last - start, what, error)
+      time.sleep(poll_s)
 
   def __enter__(self) -> "WorkdirLock":
     self.acquire()

@@ -2,6 +2,8 @@
 
 import logging
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -116,3 +118,30 @@ def test_token_dtype():
   assert token_cache.token_dtype(8000) == np.uint16
   assert token_cache.token_dtype(65536) == np.uint16
   assert token_cache.token_dtype(65537) == np.uint32
+
+
+class SlowListSource(ListSource):
+  """A ListSource whose reading takes a while, so that concurrent builders overlap."""
+
+  def sentences(self, split):
+    for sentence in super().sentences(split):
+      time.sleep(0.002)
+      yield sentence
+
+
+def test_concurrent_builders_build_once_and_share_the_cache(tokenizers, tmp_path):
+  source = SlowListSource({"train": random_sentences(300, seed=4), "test": []})
+  results = [None, None]
+
+  def load(i):
+    results[i] = token_cache.load_or_build_tokenized(source, "train", tokenizers[0],
+                                                     cache_dir=tmp_path)
+  threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join(timeout=120)
+  assert source.reads == 1  # one builder; the other waited for its lock, then loaded
+  np.testing.assert_array_equal(results[0].tokens, results[1].tokens)
+  assert [p.name for p in tmp_path.iterdir()] == [token_cache.cache_key(source, "train",
+                                                                         tokenizers[0])]
