@@ -16,9 +16,9 @@ Modes (`MODES`):
   sentence  one piece per row, padded (the paper's setup).
   packed    several pieces per row as segments 1, 2, ... (0 on padding), placed by `pack`
             at the offsets a `Slot` allows: for hierarchical attention
-            `hattention.packing_slot`, under which a piece gets exactly the attention it
-            would get alone in a row (see lm1b.experiment.packing_slot_for); for full
-            attention anywhere (`contiguous_slot`).
+            `hattention.packing_slot`, under which a piece gets exactly the attention, hence
+            the logits, it would get alone in a row (lm1b.experiment.packing_slot_for); for
+            full attention anywhere (`contiguous_slot`).
   stream    rows are consecutive windows of the split's token stream [BOS] s_1 [EOS] s_2
             [EOS] ... (no segments, positions 0..seq_len-1): context crosses sentences.
 
@@ -43,14 +43,32 @@ from lm1b.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 MODES = ("sentence", "packed", "stream")
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
-# A piece's length -> (alignment, span): it may start at multiples of `alignment`, and no other
-# piece may have a position in [start, start + span) (span >= length).
-Slot = Callable[[int], tuple[int, int]]
 
 
-def contiguous_slot(length: int) -> tuple[int, int]:
+class Placement(NamedTuple):
+  """Where a piece of `length` positions may start in a row: at offsets o with
+  o % alignment == 0 and o % window + length <= 2 * window; and no other piece may have a
+  position in its footprint [o, o + span) (span >= length). hattention.PackingSlot has the
+  same fields."""
+  length: int
+  alignment: int
+  window: int
+  span: int
+
+
+Slot = Callable[[int], Placement]  # a piece's length -> its Placement
+
+
+def contiguous_slot(length: int) -> Placement:
   """Anywhere, taking only its own positions (full attention isolates segments exactly)."""
-  return 1, length
+  return Placement(length, 1, max(length, 1), length)
+
+
+def first_offsets(position: np.ndarray, placement: Placement) -> np.ndarray:
+  """int64 [...]: the smallest allowed start >= each position."""
+  offset = -(-position // placement.alignment) * placement.alignment
+  fits = offset % placement.window + placement.length <= 2 * placement.window
+  return np.where(fits, offset, -(-offset // placement.window) * placement.window)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,15 +123,16 @@ def pack(lengths: np.ndarray, num_rows: int, seq_len: int, slot: Slot) -> tuple[
   gap_end = np.zeros(num_rows, np.int64)
   rows, offsets = [], []
   for length in lengths:
-    alignment, span = slot(int(length))
-    start = -(-gap_start // alignment) * alignment
+    placement = slot(int(length))
+    span = placement.span
+    start = first_offsets(gap_start, placement)
     in_gap = np.flatnonzero(start + span <= gap_end)
     if in_gap.size:
       row = int(in_gap[0])
       offset = int(start[row])
       gap_start[row] = offset + span
     else:
-      start = -(-ends // alignment) * alignment
+      start = first_offsets(ends, placement)
       at_end = np.flatnonzero(start + span <= seq_len)
       if not at_end.size:
         break

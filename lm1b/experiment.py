@@ -79,12 +79,7 @@ def packing_slot_for(config: model_lib.ModelConfig) -> batches_lib.Slot:
   reserved spans (hattention.packing_slot), full attention none."""
   if config.attention == "full":
     return batches_lib.contiguous_slot
-  return functools.partial(_hierarchical_slot, block_size=config.block_size)
-
-
-def _hierarchical_slot(length: int, *, block_size: int) -> tuple[int, int]:
-  slot = hattention.packing_slot(length, block_size)
-  return slot.alignment, slot.span
+  return functools.partial(hattention.packing_slot, block_size=config.block_size)
 
 
 @dataclasses.dataclass(frozen=True)

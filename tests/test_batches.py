@@ -123,7 +123,7 @@ def test_packed_rows_are_first_fit(split):
 
 def aligned_slot(length):
   """A test slot: starts at multiples of 4, reserves the length rounded up to even."""
-  return 4, length + length % 2
+  return batches.Placement(length, 4, 32, length + length % 2)
 
 
 def test_pack_respects_alignment_and_reserved_spans():
@@ -134,19 +134,25 @@ def test_pack_respects_alignment_and_reserved_spans():
   assert (layout.offset % 4 == 0).all()
   for row in range(6):
     mine = layout.row == row
-    spans = sorted((o, o + aligned_slot(int(n))[1])
+    spans = sorted((o, o + aligned_slot(int(n)).span)
                    for o, n in zip(layout.offset[mine], lengths[layout.piece[mine]]))
     assert all(end <= 32 for _, end in spans)
     assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:]))
   # the first unplaced piece fits in no row after the end of its last piece
-  ends = [max([o + aligned_slot(int(lengths[p]))[1] for p, r, o in zip(*layout) if r == row],
+  ends = [max([o + aligned_slot(int(lengths[p])).span for p, r, o in zip(*layout) if r == row],
               default=0) for row in range(6)]
-  need = aligned_slot(int(lengths[placed]))[1]
+  need = aligned_slot(int(lengths[placed])).span
   assert all(-(-end // 4) * 4 + need > 32 for end in ends)
 
 
+def test_pack_keeps_pieces_within_two_windows():
+  slot = lambda n: batches.Placement(n, 4, 8, n)  # o % 8 + n <= 16
+  layout, placed = batches.pack(np.array([2, 13]), num_rows=1, seq_len=32, slot=slot)
+  assert placed == 2 and layout.offset.tolist() == [0, 8]  # 4 % 8 + 13 > 16: next window
+
+
 def test_pack_fills_alignment_gaps_with_small_pieces():
-  slot = lambda n: (8, n) if n > 3 else (1, n)  # long pieces aligned, short ones anywhere
+  slot = lambda n: batches.Placement(n, 8 if n > 3 else 1, 16, n)  # short ones anywhere
   layout, placed = batches.pack(np.array([5, 5, 2]), num_rows=1, seq_len=16, slot=slot)
   assert placed == 3
   assert layout.offset.tolist() == [0, 8, 5]  # the short piece sits in the gap 5..8
