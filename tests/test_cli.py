@@ -192,6 +192,7 @@ def test_shipped_gin_configs(name, attention, target):
   cli.parse_gin([cli.resolve_gin_file(f"gin/{name}")], [])
   config = model.ModelConfig()
   assert config.attention == attention
+  assert input_pipeline.InputConfig().mode == ("sentence" if target is None else "packed")
   if target is not None:
     assert config.block_size == 16 and config.num_layers == 6
     assert abs(model.count_params(config) - target) <= 0.02 * target
