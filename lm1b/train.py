@@ -194,7 +194,6 @@ def eval_batches(inputs: input_pipeline.Inputs, split: str,
 
 def build_model_config(vocab_size: int, seq_len: int) -> model_lib.ModelConfig:
   """The gin-bound ModelConfig with vocab_size taken from the tokenizer, checked vs batches."""
-  mode = batch_mode()
   config = model_lib.ModelConfig()
   if config.vocab_size != vocab_size:
     _LOG.info("ModelConfig.vocab_size %d replaced by the tokenizer's %d",
@@ -203,7 +202,6 @@ def build_model_config(vocab_size: int, seq_len: int) -> model_lib.ModelConfig:
   if config.max_len < seq_len:
     raise ValueError(f"ModelConfig.max_len={config.max_len} is shorter than the batches' "
                      f"seq_len={seq_len}")
-  model_lib.check_packing_supported(config, mode)
   return config
 
 
