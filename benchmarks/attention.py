@@ -10,10 +10,12 @@ consecutive steps), `decode_step` against a full-attention KV-cache step.
 Peak memory is the compiled executable's memory analysis: temp + argument + output bytes
 (XLA's static buffer assignment, not a measured resident size).
 
-  python -m benchmarks.attention [--quick] [--only decode] [--flaxformer PATH]
+  python -m benchmarks.attention [--quick] [--only decode|segments] [--flaxformer PATH]
 
---flaxformer PATH (a local google/flaxformer checkout) runs only the side-by-side comparison
-with the official implementation (benchmarks/attention_peer.py) and writes its own results file.
+The cost of `segment_ids` (packed rows) is measured by `benchmarks.attention_segments`, into
+its own results file; `--only segments` runs it alone. --flaxformer PATH (a local
+google/flaxformer checkout) runs only the side-by-side comparison with the official
+implementation (benchmarks/attention_peer.py) and writes its own results file.
 """
 
 import argparse
@@ -29,7 +31,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-from benchmarks import attention_peer, common  # noqa: E402
+from benchmarks import attention_peer, attention_segments, common  # noqa: E402
 from hattention import (decode_step, hierarchical_attention, init_cache,  # noqa: E402
                         kv_cache_step)
 
@@ -62,12 +64,6 @@ def _inputs(length: int):
   return tuple(jax.random.normal(k, (BATCH, length, HEADS, HEAD_DIM)) for k in keys)
 
 
-def _passes(attention):
-  """{"fwd": f(q, k, v), "fwd+bwd": grads of sum(f) w.r.t. q, k, v}."""
-  loss = lambda q, k, v: attention(q, k, v).sum()
-  return {"fwd": attention, "fwd+bwd": jax.grad(loss, argnums=(0, 1, 2))}
-
-
 def _measure(fn, args, repeats: int) -> Measurement:
   """Compiles fn once, reads its memory analysis and times it (median of repeats)."""
   compiled = jax.jit(fn).lower(*args).compile()
@@ -98,7 +94,7 @@ def measure_attention(lengths, repeats: int) -> dict:
     args = _inputs(length)
     for method, attention in METHODS.items():
       too_big = method == "dense" and BATCH * HEADS * length**2 * 4 > DENSE_LIMIT_BYTES
-      for name, fn in _passes(attention).items():
+      for name, fn in common.forward_and_backward(attention).items():
         key = (method, length, name)
         results[key] = None if too_big else _measure(fn, args, repeats)
         print(key, results[key] or "skipped", flush=True)
@@ -306,8 +302,9 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true",
                       help="lengths 1k and 4k only, fewer repeats (smoke test)")
-  parser.add_argument("--only", choices=["decode"],
-                      help="run only this part and print its table (no results file)")
+  parser.add_argument("--only", choices=["decode", "segments"],
+                      help="run only this part: decode prints its table (no results file), "
+                      "segments writes results/attention_segments.md")
   parser.add_argument("--flaxformer", metavar="PATH",
                       help="a google/flaxformer checkout: time its hierarchical attention side "
                       "by side with ours (only that; see benchmarks/attention_peer.py)")
@@ -317,13 +314,17 @@ def main() -> None:
   repeats = 2 if args.quick else 7
   if args.flaxformer:
     attention_peer.run(args.flaxformer, ours=METHODS["hierarchical sample"], make_inputs=_inputs,
-                       passes=_passes, block_size=BLOCK, lengths=lengths, rounds=repeats,
+                       passes=common.forward_and_backward, block_size=BLOCK, lengths=lengths,
+                       rounds=repeats,
                        shape_note=f"Batch {BATCH}, {HEADS} head, head_dim {HEAD_DIM}, block "
                        f"{BLOCK}, float32, causal.")
     return
   decode_repeats = 5 if args.quick else 20
   if args.only == "decode":
     print("\n".join(decoding_table(measure_decoding(positions, decode_repeats), positions)))
+    return
+  if args.only == "segments":
+    attention_segments.run()
     return
   results = measure_attention(lengths, repeats)
   decoding = measure_decoding(positions, repeats=decode_repeats)
@@ -342,6 +343,8 @@ def main() -> None:
               + decoding_table(decoding, positions) + ["![timings](attention.png)"])
   common.write_report(os.path.join(common.RESULTS_DIR, "attention.md"),
                       "Hierarchical attention: speed and memory", sections)
+  if not args.quick:
+    attention_segments.run()
 
 if __name__ == "__main__":
   main()

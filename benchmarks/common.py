@@ -26,6 +26,12 @@ def time_call(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) ->
   return statistics.median(times)
 
 
+def forward_and_backward(attention: Callable) -> dict[str, Callable]:
+  """{"fwd": attention(q, k, v), "fwd+bwd": gradients of sum(attention) w.r.t. q, k, v}."""
+  loss = lambda q, k, v: attention(q, k, v).sum()
+  return {"fwd": attention, "fwd+bwd": jax.grad(loss, argnums=(0, 1, 2))}
+
+
 def machine_description() -> str:
   """One line: devices, CPU count, platform, jax version, date."""
   devices = jax.devices()

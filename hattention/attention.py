@@ -17,21 +17,31 @@ values. Nothing of size [length, length] is built:
   l - 1), and symmetrically for block i + 1. All coarse keys of block i - 1 lie
   strictly before block i, so the causal rule holds without a mask.
 
-The queries run in chunks of CHUNK positions (one chunk when the sequence is
-shorter). A chunk computes the cell sums of its own keys level by level (pairwise
-sums) and gets from outside only what lies beyond it: per level the coarse block
-just before (and after) its first (last) query block, and for levels whose
-blocks are longer than a chunk the neighbour blocks of the block holding it
-(plus the "sample"/"mean" query when a cell is longer than a chunk). Each
-level's neighbour blocks are concatenated into one key window per query block:
-one einsum per level. A cell's logit uses the mean key, its weight in the
-softmax is its count and its value is the sum of its values. "sample" and "mean"
-queries are one per cell, so level l costs O(L / 2**l) and the levels merge from
-coarse to fine, broadcasting the running softmax statistics over the two halves
-of each cell: O(L) time and memory. "fine" keeps every query at every level:
+Math and scheduling are apart. `_level0` and `_coarse_level` compute one level
+for blocks of query rows against their key windows. The scheduling runs the
+queries in chunks of `chunk_size` positions (one chunk when the sequence is
+shorter): a chunk sums its own keys into cells level by level (pairwise sums,
+`_KeyCells`) and gets from outside only what lies beyond it (`_Side`, per
+level): the coarse block just before (and after) its first (last) query block,
+for levels whose blocks are longer than a chunk the neighbour blocks of the
+block holding it, plus the "sample"/"mean" query row when a cell is longer
+than the chunk. Each level's neighbour blocks are concatenated into one key
+window per query block: one einsum per level. "sample" and "mean" queries are
+one per cell, so level l costs O(L / 2**l) and the levels merge from coarse to
+fine, broadcasting the running softmax statistics over the two halves of each
+cell: O(L) time and memory. "fine" keeps every query at every level:
 O(L log L). Several chunks run in a loop under a custom VJP whose backward pass
 recomputes each chunk, so temporaries stay chunk-sized (forward-mode
-differentiation then needs a single chunk, i.e. padded length <= CHUNK).
+differentiation then needs a single chunk, i.e. padded length <= chunk_size).
+
+Segments (`segment_ids`) add integer cell summaries: the smallest and largest
+segment id of each cell's real keys (a cell is pure when they agree) and, for
+"mean", of its non-padding positions. A coarse row of "sample"/"mean" serves
+the fine rows of its cell, so it runs for the segment of its cell (the
+sampled position's, or the pure id of the cell); while the statistics are
+broadcast from a cell to its two halves, a half acting for another segment
+drops them, and a fine row drops what its level-1 row gathered for another
+segment. With segments that are contiguous runs this is the pair rule exactly.
 
 Levels merge with a per-row running max / log-sum-exp in float32; the maxima
 are stop-gradient stabilisers (the output does not depend on them).
@@ -46,11 +56,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-QUERY_MODES = ("sample", "fine", "mean")
+from hattention.geometry import QUERY_MODES, padded_length
+
 _NO_MAX = -1e30  # row max of a row that sees nothing (finite: no inf - inf)
-# Positions per chunk of queries (a power of two). Longer sequences run chunk by
-# chunk so that every temporary stays small (cache-sized); tests shrink it.
-CHUNK = 512
+# Row max given to dropped rows in `_merge`: below any row max, so that their weight
+# exp(_DROPPED - m) is 0 even beside a row that sees nothing (a select on the weight
+# instead made the segment forward 7% slower at 4k).
+_DROPPED = 2 * _NO_MAX
+_MIXED_KEYS = -1  # segment of a key cell without real keys or with several segments
+_MIXED_QUERIES = -2  # "mean": segment of a query cell spanning several segments
+_NO_ID_LOW = np.iinfo(np.int32).max  # smallest segment id of a cell that has none
 
 
 class _Stats(NamedTuple):
@@ -75,8 +90,89 @@ class _Config(NamedTuple):
   scale: float
 
 
+class _Positions(NamedTuple):
+  """Fine positions (the padded sequence or one chunk of it) along axis 2.
+
+  query, key, value: [batch, heads, n, dim] in the compute dtype; real:
+  [batch, 1, n] float32, 1 for a real key (key_mask and a nonzero segment);
+  segment: [batch, 1, n] int32 segment id (0 on padding), None without
+  segment_ids.
+  """
+  query: jnp.ndarray
+  key: jnp.ndarray
+  value: jnp.ndarray
+  real: jnp.ndarray
+  segment: jnp.ndarray | None
+
+
+class _IdRange(NamedTuple):
+  """Smallest and largest segment id per cell, int32 [batch, 1, cells]."""
+  low: jnp.ndarray
+  high: jnp.ndarray
+
+
+class _KeyCells(NamedTuple):
+  """Sums over the real keys of aligned cells (axis 2 indexes the cells).
+
+  key, value: [batch, heads, cells, dim] float32 sums; count: [batch, 1,
+  cells] float32 number of real keys; segments: their id range, or None
+  without segment_ids.
+  """
+  key: jnp.ndarray
+  value: jnp.ndarray
+  count: jnp.ndarray
+  segments: _IdRange | None
+
+
+class _QueryCells(NamedTuple):
+  """"mean" queries of aligned cells: query [batch, heads, cells, dim] float32
+  sum of the real queries; segments: id range of the non-padding positions, or
+  None without segment_ids."""
+  query: jnp.ndarray
+  segments: _IdRange | None
+
+
+class _Keys(NamedTuple):
+  """Keys as attended (axis 2 indexes keys or cells).
+
+  key: [batch, heads, n, dim] mean key of each cell, value: [batch, heads, n,
+  dim] sum of its values, both in the compute dtype; count: [batch, 1, n]
+  float32 number of real keys; segment: [batch, 1, n] int32 segment of the
+  cell's real keys (_MIXED_KEYS if none or several), None without segments.
+  """
+  key: jnp.ndarray
+  value: jnp.ndarray
+  count: jnp.ndarray
+  segment: jnp.ndarray | None
+
+
+class _Queries(NamedTuple):
+  """Query rows of one level: query [batch, heads, rows, dim] in the compute
+  dtype; segment [batch, 1, rows] int32, the segment the rows act for (None
+  without segment_ids)."""
+  query: jnp.ndarray
+  segment: jnp.ndarray | None
+
+
+class _Side(NamedTuple):
+  """What a chunk needs from outside itself at one level.
+
+  before, after: _KeyCells of the b cells of the coarse block just before /
+  after (after is None when causal): for blocks inside the neighbour chunks,
+  the last (first) block of the previous (next) chunk; for blocks longer than
+  a chunk, the blocks either side of the block holding the chunk. At level 0
+  the _Keys of the b positions of the block before / after the chunk. query: the chunk's _Queries row (one per
+  chunk) when a cell is longer than the chunk ("sample" and "mean"), else
+  None. `_side_inputs` returns every array with a chunk axis at position 2
+  (e.g. before.key: [batch, heads, chunks, b, dim]); a chunk sees it dropped.
+  """
+  before: _KeyCells | _Keys
+  after: _KeyCells | _Keys | None
+  query: _Queries | None
+
+
 def _check_args(query, key, value, block_size, query_mode, key_mask,
-                num_levels):
+                num_levels, segment_ids, chunk_size):
   """Raises ValueError naming the offending argument and its value."""
   for name, x in (("query", query), ("key", key), ("value", value)):
     if x.ndim != 4:
@@ -87,26 +183,22 @@ def _check_args(query, key, value, block_size, query_mode, key_mask,
                      f" key={tuple(key.shape)} value={tuple(value.shape)}")
   if query.shape[1] < 1:
     raise ValueError(f"length must be >= 1, got query shape {tuple(query.shape)}")
-  if (not isinstance(block_size, int) or isinstance(block_size, bool)
-      or block_size < 2 or block_size & (block_size - 1)):
-    raise ValueError(f"block_size must be a power of two >= 2, got {block_size!r}")
+  for name, size in (("block_size", block_size), ("chunk_size", chunk_size)):
+    if (not isinstance(size, int) or isinstance(size, bool) or size < 2
+        or size & (size - 1)):
+      raise ValueError(f"{name} must be a power of two >= 2, got {size!r}")
   if query_mode not in QUERY_MODES:
     raise ValueError(f"query_mode must be one of {QUERY_MODES}, got {query_mode!r}")
-  if key_mask is not None and tuple(key_mask.shape) != tuple(query.shape[:2]):
-    raise ValueError(f"key_mask must have shape {tuple(query.shape[:2])}, got "
-                     f"{tuple(key_mask.shape)}")
+  for name, mask in (("key_mask", key_mask), ("segment_ids", segment_ids)):
+    if mask is not None and tuple(mask.shape) != tuple(query.shape[:2]):
+      raise ValueError(f"{name} must have shape {tuple(query.shape[:2])}, got "
+                       f"{tuple(mask.shape)}")
+  if segment_ids is not None and not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+    raise ValueError(f"segment_ids must be integers, got dtype {segment_ids.dtype}")
   if num_levels is not None and (not isinstance(num_levels, int)
                                  or isinstance(num_levels, bool)
                                  or num_levels < 1):
     raise ValueError(f"num_levels must be an int >= 1 or None, got {num_levels!r}")
-
-
-def _padded_length(length: int, block_size: int) -> int:
-  """Smallest block_size * 2**M >= length with M >= 1."""
-  padded = 2 * block_size
-  while padded < length:
-    padded *= 2
-  return padded
 
 
 def _blocks(x: jnp.ndarray, size: int) -> jnp.ndarray:
@@ -129,15 +221,102 @@ def _shift(x: jnp.ndarray, offset: int) -> jnp.ndarray:
   return jnp.pad(x, pad)[:, :, offset:]
 
 
-def _cell_sums(x: jnp.ndarray, cell: int) -> jnp.ndarray:
-  """Sums aligned cells along axis 2: [b, h, n, ...] -> [b, h, n // cell, ...]."""
-  x = x.reshape(x.shape[:2] + (x.shape[2] // cell, cell) + x.shape[3:])
-  return x.sum(3) if cell > 1 else x[:, :, :, 0]
+# How each field of a cell summary combines: (pairwise op, reduction over an axis).
+_SUM, _MIN, _MAX = (jnp.add, jnp.sum), (jnp.minimum, jnp.min), (jnp.maximum, jnp.max)
 
 
-def _pair_sum(x: jnp.ndarray) -> jnp.ndarray:
-  """Sums adjacent pairs along axis 2: [b, h, n, ...] -> [b, h, n // 2, ...]."""
-  return x[:, :, 0::2] + x[:, :, 1::2]
+def _reduce_cells(cells, reduce):
+  """Coarser cells of a _KeyCells/_QueryCells: reduce(x, op) on every field.
+
+  Sums add and id ranges widen; op is one of _SUM, _MIN, _MAX.
+  """
+  def field(x):
+    if x is None:
+      return None
+    if isinstance(x, _IdRange):
+      return _IdRange(reduce(x.low, _MIN), reduce(x.high, _MAX))
+    return reduce(x, _SUM)
+  return type(cells)(*(field(x) for x in cells))
+
+
+def _pair_cells(cells):
+  """Cells of twice the positions: adjacent pairs along axis 2.
+
+  Strided slices, whose transpose is a pad (see `_repeat2`).
+  """
+  return _reduce_cells(cells, lambda x, op: op[0](x[:, :, 0::2], x[:, :, 1::2]))
+
+
+def _group_cells(cells, size: int, axis: int = 2):
+  """Cells of `size` times the positions: aligned groups along `axis`."""
+  if size == 1:
+    return cells
+
+  def group(x, op):
+    shape = x.shape[:axis] + (x.shape[axis] // size, size) + x.shape[axis + 1:]
+    return op[1](x.reshape(shape), axis=axis + 1)
+  return _reduce_cells(cells, group)
+
+
+def _id_range(segment, member) -> _IdRange | None:
+  """Per-position id range of the positions where `member` holds (None: no segments)."""
+  if segment is None:
+    return None
+  return _IdRange(jnp.where(member, segment, _NO_ID_LOW), jnp.where(member, segment, 0))
+
+
+def _fine_cells(x: _Positions, query_mode: str):
+  """(_KeyCells, _QueryCells or None) of single positions."""
+  weight = x.real[..., None]
+  keys = _KeyCells(x.key.astype(jnp.float32) * weight, x.value.astype(jnp.float32) * weight,
+                   x.real, _id_range(x.segment, x.real > 0))
+  if query_mode != "mean":
+    return keys, None
+  queries = _QueryCells(x.query.astype(jnp.float32) * weight,
+                        _id_range(x.segment, None if x.segment is None else x.segment > 0))
+  return keys, queries
+
+
+def _pure_segment(ids: _IdRange | None, mixed: int, nonempty=None):
+  """int32 [batch, 1, cells]: the one segment id of each cell, else `mixed`."""
+  if ids is None:
+    return None
+  pure = ids.low == ids.high
+  if nonempty is not None:
+    pure = pure & nonempty
+  return jnp.where(pure, ids.low, mixed)
+
+
+def _mean(total, count, dtype):
+  """Cell means total / count (0 for empty cells), cast to dtype."""
+  return (total / jnp.maximum(count, 1.0)[..., None]).astype(dtype)
+
+
+def _keys(cells: _KeyCells, dtype) -> _Keys:
+  """The attended form of key cells: mean keys and value sums in dtype."""
+  return _Keys(_mean(cells.key, cells.count, dtype), cells.value.astype(dtype), cells.count,
+               _pure_segment(cells.segments, _MIXED_KEYS, cells.count > 0))
+
+
+def _position_keys(x: _Positions) -> _Keys:
+  """The keys of single positions (level 0), as given."""
+  segment = None if x.segment is None else jnp.where(x.real > 0, x.segment, _MIXED_KEYS)
+  return _Keys(x.key, x.value, x.real, segment)
+
+
+def _mean_queries(cells: _QueryCells, count, dtype) -> _Queries:
+  """"mean" query rows of cells (count: their number of real keys)."""
+  return _Queries(_mean(cells.query, count, dtype),
+                  _pure_segment(cells.segments, _MIXED_QUERIES))
+
+
+def _concat(parts, axis: int):
+  """Field-wise concatenation of NamedTuples of arrays (None fields stay None)."""
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=axis), *parts)
+
+
+# ----------------------------------------------------------------------------
+# The math of one level: blocks of query rows against their key windows.
 
 
 def _windows(blocks: jnp.ndarray, offsets) -> jnp.ndarray:
@@ -171,6 +350,57 @@ def _attend(q, k, v, allowed, count, scale) -> _Stats:
   return _Stats(_unblock(m), _unblock(s), _unblock(o))
 
 
+def _same_segment(row_segment, key_segment):
+  """allowed [..., rows, keys]: row [..., rows] and key [..., keys] segments equal."""
+  return row_segment[..., :, None] == key_segment[..., None, :]
+
+
+def _level0(queries: _Queries, keys: _Keys, cfg: _Config) -> _Stats:
+  """Exact attention of each query block to itself and its neighbour blocks.
+
+  queries: [batch, heads, n * b] rows; keys: [batch, heads, (n + e) * b]
+  single positions, the rows' keys after the block before them (and before
+  the block after them when bidirectional, e = 2; e = 1 when causal).
+  Returns _Stats over the rows.
+  """
+  b = cfg.block_size
+  offsets = (0, 1) if cfg.causal else (0, 1, 2)
+  window = lambda x: _windows(_blocks(x, b), offsets)
+  if keys.segment is None:
+    allowed = window(keys.count > 0)[:, :, :, None, :]  # [batch, 1, n, 1, keys]
+  else:
+    allowed = _same_segment(_blocks(queries.segment, b), window(keys.segment))
+  if cfg.causal:  # the previous block in full, the own block up to the row
+    allowed = allowed & (jnp.arange(2 * b)[None] <= jnp.arange(b)[:, None] + b)
+  return _attend(_blocks(queries.query, b), window(keys.key), window(keys.value), allowed,
+                 None, cfg.scale)
+
+
+def _coarse_level(queries: _Queries, before: _Keys, after: _Keys | None, left_row,
+                  cfg: _Config) -> _Stats:
+  """Attention of query blocks to their coarse neighbour blocks at a level >= 1.
+
+  queries: [batch, heads, n, rows, ...] query rows by block; before, after:
+  the b cells of the coarse block before / after each query block, [batch,
+  heads|1, n, b, ...] (after is None when causal); left_row: bool [rows, 1],
+  row in the left half of its block. Of the block before, a left-half row sees
+  the left half only (the right half is adjacent one level finer), and
+  symmetrically for the block after. Returns _Stats over [batch, heads, n *
+  rows] rows.
+  """
+  left_key = (jnp.arange(cfg.block_size) < cfg.block_size // 2)[None]
+  parts = [(before, ~left_row | left_key)]
+  if after is not None:
+    parts.append((after, left_row | ~left_key))
+  keys = _concat([p[0] for p in parts], axis=3)
+  halves = jnp.concatenate([p[1] for p in parts], axis=-1)  # [rows, keys]
+  count = keys.count[:, :, :, None, :]
+  if keys.segment is not None:  # a cell of another segment counts as empty (a select on
+    # the mask instead: "fine" forward 1.35x the time without segments, against 1.12x)
+    count = jnp.where(_same_segment(queries.segment, keys.segment), count, 0.0)
+  return _attend(queries.query, keys.key, keys.value, (count > 0) & halves, count, cfg.scale)
+
+
 def _repeat2(x: jnp.ndarray) -> jnp.ndarray:
   """Repeats each row twice along axis 2: [b, h, n, ...] -> [b, h, 2n, ...].
 
@@ -185,242 +415,237 @@ def _repeat2(x: jnp.ndarray) -> jnp.ndarray:
   return interleave(0, 1) + interleave(1, 0)
 
 
-def _merge(fine: _Stats, coarse: _Stats) -> _Stats:
+def _merge(fine: _Stats, coarse: _Stats | None, keep=None) -> _Stats:
   """Softmax pieces over two disjoint key sets, row by row.
 
   fine: rows [batch, heads, n]; coarse: rows [batch, heads, n] or
-  [batch, heads, n // 2], each row then shared by two rows of `fine`.
+  [batch, heads, n // 2], each row then shared by two rows of `fine`; keep:
+  None or bool [batch, 1, n], the rows of `fine` that take `coarse` (the others
+  give it the row max _DROPPED, hence the weight 0).
   """
+  if coarse is None:
+    return fine
   if coarse.m.shape[2] != fine.m.shape[2]:
     coarse = _Stats(*(_repeat2(x) for x in coarse))
-  m = jnp.maximum(fine.m, coarse.m)
-  wa, wb = jnp.exp(fine.m - m), jnp.exp(coarse.m - m)
+  coarse_m = coarse.m if keep is None else jnp.where(keep, coarse.m, _DROPPED)
+  m = jnp.maximum(fine.m, coarse_m)
+  wa, wb = jnp.exp(fine.m - m), jnp.exp(coarse_m - m)
   return _Stats(m, fine.s * wa + coarse.s * wb,
                 fine.o * wa[..., None] + coarse.o * wb[..., None])
 
 
-def _level0(q, k_ext, v_ext, real_ext, cfg: _Config) -> _Stats:
-  """Exact attention of each query block to itself and its neighbour blocks.
+def _takes_coarser(rows, coarser_rows, cfg: _Config):
+  """keep of `_merge`: the rows act for the segment of the coarser row above them.
 
-  q: [batch, heads, chunk, dim]; k_ext, v_ext: [batch, heads, chunk + e * b,
-  dim], the chunk's keys after the block before it (and before the block after
-  it when bidirectional, e = 2; e = 1 when causal); real_ext: [batch, 1,
-  chunk + e * b] bool. Returns _Stats over [batch, heads, chunk] rows.
+  rows, coarser_rows: segment [batch, 1, n] and [batch, 1, n or n // 2], or None
+  ("fine" rows all act for their own segment: None).
   """
-  b = cfg.block_size
-  offsets = (0, 1) if cfg.causal else (0, 1, 2)
-  window = lambda x: _windows(_blocks(x, b), offsets)
-  allowed = window(real_ext)[:, :, :, None, :]  # [batch, 1, n, 1, keys]
-  if cfg.causal:  # the previous block in full, the own block up to the row
-    allowed = allowed & (jnp.arange(2 * b)[None] <= jnp.arange(b)[:, None] + b)
-  return _attend(_blocks(q, b), window(k_ext), window(v_ext), allowed, None,
-                 cfg.scale)
+  if rows is None or coarser_rows is None or cfg.query_mode == "fine":
+    return None
+  if coarser_rows.shape[2] != rows.shape[2]:
+    coarser_rows = jnp.repeat(coarser_rows, 2, axis=2)
+  return coarser_rows == rows
 
 
-def _coarse_level(q, before, after, left_row, cfg: _Config) -> _Stats:
-  """Attention of query blocks to their coarse neighbour blocks at a level >= 1.
-
-  q: [batch, heads, n, rows, dim] query rows by block; before, after: each
-  (kmean, vsum, count) of the coarse block before / after each query block:
-  [batch, heads, n, b, dim] key means and value sums in q's dtype, [batch, 1,
-  n, b] float32 counts (after is None when causal); left_row: bool [rows, 1],
-  row in the left half of its block. Of the block before, a left-half row sees
-  the left half only (the right half is adjacent one level finer), and
-  symmetrically for the block after. Returns _Stats over [batch, heads, n *
-  rows] rows.
-  """
-  left_key = (jnp.arange(cfg.block_size) < cfg.block_size // 2)[None]
-  parts = [(before, ~left_row | left_key)]
-  if after is not None:
-    parts.append((after, left_row | ~left_key))
-  k, v, count = (jnp.concatenate([p[0][i] for p in parts], axis=3)
-                 for i in range(3))
-  halves = jnp.concatenate([p[1] for p in parts], axis=-1)  # [rows, keys]
-  count = count[:, :, :, None, :]
-  return _attend(q, k, v, (count > 0) & halves, count, cfg.scale)
+# ----------------------------------------------------------------------------
+# Scheduling: what one chunk of queries computes, and what it gets from outside.
 
 
-def _mean(ksum, count, dtype):
-  """Cell means ksum / count (0 for empty cells), cast to dtype."""
-  return (ksum / jnp.maximum(count, 1.0)[..., None]).astype(dtype)
-
-
-def _chunk_output(c, q, k, v, realf, side, cfg: _Config):
+def _chunk_output(c, x: _Positions, side: list, cfg: _Config):
   """Output rows of one chunk of queries (every level, merged and normalised).
 
-  c: chunk index (traced or int); q, k, v: [batch, heads, chunk, dim];
-  realf: [batch, 1, chunk] float32 (1 for real keys); side: this chunk's
-  entries of `_side_inputs` (chunk axis dropped). Returns [batch, heads, chunk,
-  dim] in q's dtype.
+  c: chunk index (traced or int); x: the chunk's positions ([batch, heads,
+  chunk, ...]); side: this chunk's `_Side` per level. Returns [batch, heads,
+  chunk, dim] in x.query's dtype.
   """
-  b, chunk, causal = cfg.block_size, cfg.chunk, cfg.causal
-  count = realf  # [batch, 1, cells]
-  weight = count[..., None]
-  ksum = k.astype(jnp.float32) * weight
-  vsum = v.astype(jnp.float32) * weight
-  qsum = q.astype(jnp.float32) * weight if cfg.query_mode == "mean" else None
-  local = []  # per level 1.. with cells inside the chunk: (ksum, vsum, count, qsum)
+  keys, queries = _fine_cells(x, cfg.query_mode)
+  local_keys, local_queries = [keys], [queries]  # per level while a cell fits the chunk
   for level in range(1, cfg.levels):
-    if 2**level > chunk:
+    if 2**level > cfg.chunk:
       break
-    ksum, vsum, count = _pair_sum(ksum), _pair_sum(vsum), _pair_sum(count)
-    qsum = None if qsum is None else _pair_sum(qsum)
-    local.append((ksum, vsum, count, qsum))
-  stats = None
+    local_keys.append(_pair_cells(local_keys[-1]))
+    local_queries.append(None if queries is None else _pair_cells(local_queries[-1]))
+  stats, coarser = None, None  # coarser: the segments of the rows of `stats`
   for level in reversed(range(1, cfg.levels)):
-    level_stats = _chunk_level(c, level, q, local, side["levels"][level - 1], cfg)
-    stats = level_stats if stats is None else _merge(level_stats, stats)
-  s0 = side["level0"]
-  ext = lambda x, i: jnp.concatenate(
-      [s0[i], x] + ([] if causal else [s0[i + 3]]), axis=2)
-  level_stats = _level0(q, ext(k, 0), ext(v, 1), ext(realf, 2) > 0, cfg)
-  stats = level_stats if stats is None else _merge(level_stats, stats)
+    rows = _level_queries(level, x, local_keys, local_queries, side[level], cfg)
+    level_stats = _chunk_level(c, level, rows, local_keys, side[level], cfg)
+    stats = _merge(level_stats, stats, _takes_coarser(rows.segment, coarser, cfg))
+    coarser = rows.segment
+  ext = [side[0].before, _position_keys(x)] + ([] if cfg.causal else [side[0].after])
+  level_stats = _level0(_Queries(x.query, x.segment), _concat(ext, axis=2), cfg)
+  stats = _merge(level_stats, stats, _takes_coarser(x.segment, coarser, cfg))
   out = stats.o / jnp.where(stats.s > 0, stats.s, 1.0)[..., None]
-  return out.astype(q.dtype)
+  return out.astype(x.query.dtype)
 
 
-def _chunk_level(c, level, q, local, side, cfg: _Config) -> _Stats:
+def _level_queries(level, x: _Positions, local_keys, local_queries, side: _Side,
+                   cfg: _Config) -> _Queries:
+  """The chunk's query rows at coarse level `level` (one per cell unless "fine")."""
+  cell = 2**level
+  if cfg.query_mode == "fine":
+    return _Queries(x.query, x.segment)
+  if cell > cfg.chunk:  # the chunk lies in one cell: its query comes from outside
+    return side.query
+  if cfg.query_mode == "sample":
+    return jax.tree.map(lambda y: y[:, :, ::cell], _Queries(x.query, x.segment))
+  return _mean_queries(local_queries[level], local_keys[level].count, x.query.dtype)
+
+
+def _chunk_level(c, level, rows: _Queries, local_keys, side: _Side, cfg: _Config) -> _Stats:
   """Stats of one chunk's query rows at coarse level `level` >= 1.
 
-  q: [batch, heads, chunk, dim]; local: the chunk's cell sums per level (see
-  `_chunk_output`); side: this level's entries of `_side_inputs`.
+  rows: from `_level_queries`; local_keys: the chunk's key cells per level;
+  side: this level's `_Side`.
   """
-  b, chunk, cell = cfg.block_size, cfg.chunk, 2**level
-  width = b * cell  # positions per block
-  rows = chunk if cfg.query_mode == "fine" else max(chunk // cell, 1)
-  if cfg.query_mode == "fine":
-    q_rows = q
-  elif cell > chunk:  # the chunk lies in one cell: its query comes from outside
-    q_rows = side["q"]
-  elif cfg.query_mode == "sample":
-    q_rows = q[:, :, ::cell]
-  else:
-    q_rows = _mean(local[level - 1][3], local[level - 1][2], q.dtype)
-  kv = lambda s, i: (_mean(s[i], s[i + 2], q.dtype), s[i + 1].astype(q.dtype),
-                     s[i + 2])
+  b, chunk, width = cfg.block_size, cfg.chunk, cfg.block_size * 2**level
+  dtype = rows.query.dtype
+  before = _keys(side.before, dtype)
+  after = None if cfg.causal else _keys(side.after, dtype)
+  num_rows = rows.query.shape[2]
   if width <= chunk:  # whole blocks in the chunk, neighbours from the side inputs
-    ksum, vsum, count, _ = local[level - 1]
     n = chunk // width
-    own = (_blocks(_mean(ksum, count, q.dtype), b), _blocks(vsum, b).astype(q.dtype),
-           _blocks(count, b))
-    prev, nxt = kv(side["sums"], 0), (None if cfg.causal else kv(side["sums"], 3))
-    ext = lambda i: jnp.concatenate([prev[i][:, :, None], own[i]] + (
-        [] if nxt is None else [nxt[i][:, :, None]]), axis=2)
-    exts = [ext(i) for i in range(3)]
-    before = tuple(x[:, :, :n] for x in exts)
-    after = None if nxt is None else tuple(x[:, :, 2:] for x in exts)
-    per_block = rows // n
+    own = jax.tree.map(lambda x: _blocks(x, b), _keys(local_keys[level], dtype))
+    edge = lambda x: jax.tree.map(lambda y: y[:, :, None], x)
+    ext = _concat([edge(before), own] + ([] if after is None else [edge(after)]), axis=2)
+    before = jax.tree.map(lambda x: x[:, :, :n], ext)
+    after = None if after is None else jax.tree.map(lambda x: x[:, :, 2:], ext)
+    per_block = num_rows // n
     left_row = (jnp.arange(per_block) < per_block // 2)[:, None]
   else:  # the chunk lies in one half of one query block
     n = 1
-    before = tuple(x[:, :, None] for x in kv(side["sums"], 0))
-    after = None if cfg.causal else tuple(x[:, :, None] for x in kv(side["sums"], 3))
+    before, after = (None if keys is None else jax.tree.map(lambda y: y[:, :, None], keys)
+                     for keys in (before, after))
     starts = np.arange(cfg.num_chunks) * chunk
     left = jnp.asarray(starts % width < width // 2)[c]
-    left_row = jnp.broadcast_to(left, (rows, 1))
-  return _coarse_level(_blocks(q_rows, rows // n), before, after, left_row, cfg)
+    left_row = jnp.broadcast_to(left, (num_rows, 1))
+  blocked = jax.tree.map(lambda x: _blocks(x, num_rows // n), rows)
+  return _coarse_level(blocked, before, after, left_row, cfg)
 
 
+def _chunk_edges(cells, width: int, cell: int, cfg: _Config):
+  """(before, after): per chunk, the cells of the last (first) `width` positions of
+  the previous (next) chunk, [batch, heads|1, chunks, width // cell, ...].
 
-
-def _side_inputs(q, k, v, realf, cfg: _Config) -> dict:
-  """Per chunk, what its queries need from outside the chunk.
-
-  q, k, v: [batch, heads, padded, dim]; realf: [batch, 1, padded] float32.
-  Returns {"level0": [k, v, real of the block before the chunk, then (when
-  bidirectional) of the block after], "levels": per level l >= 1 {"sums":
-  [ksum, vsum, count of the coarse block before, then (bidirectional) after],
-  "q": the chunk's query row when a cell is longer than the chunk, else None}},
-  every array with the chunk axis at position 2: raw [batch, heads|1,
-  chunks, b(, dim)], sums float32 [batch, heads|1, chunks, b(, dim)], q
-  [batch, heads, chunks, 1, dim]. For coarse blocks inside the chunk's
-  neighbour chunks these are the last (first) block of the previous (next)
-  chunk; for longer blocks, the blocks before (after) the one holding the chunk.
+  cells: _KeyCells of single positions (or, with cell = 1, _Keys).
   """
-  b, chunk, n = cfg.block_size, cfg.chunk, cfg.num_chunks
-  by_chunk = lambda x: x.reshape(x.shape[:2] + (n, chunk) + x.shape[3:])
+  by_chunk = lambda x: x.reshape(x.shape[:2] + (cfg.num_chunks, cfg.chunk) + x.shape[3:])
+  edge = lambda part, offset: jax.tree.map(lambda x: _shift(x, offset), _group_cells(
+      jax.tree.map(lambda x: by_chunk(x)[:, :, :, part], cells), cell, axis=3))
+  return (edge(slice(cfg.chunk - width, None), -1), edge(slice(0, width), 1))
 
-  def edges(x, width, cell):
-    """Cell sums of the last (first) width positions of the previous (next) chunk."""
-    sums = lambda y: y.reshape(y.shape[:3] + (width // cell, cell) + y.shape[4:]).sum(4)
-    return (_shift(sums(by_chunk(x)[:, :, :, chunk - width:]), -1),
-            _shift(sums(by_chunk(x)[:, :, :, :width]), 1))
 
-  level0 = [edges(x, b, 1) for x in (k, v, realf)]
-  weight = realf[..., None]
-  sums = (k.astype(jnp.float32) * weight, v.astype(jnp.float32) * weight, realf)
-  qsum = q.astype(jnp.float32) * weight if cfg.query_mode == "mean" else None
-  starts = np.arange(n) * chunk
-  levels, cells = [], None
-  for level in range(1, cfg.levels):
-    cell = 2**level
-    width = b * cell
-    entry = {"q": None}
-    if width <= chunk:
-      pairs = [edges(x, width, cell) for x in sums]
+def _neighbour_blocks(cells: _KeyCells, block, b: int):
+  """(before, after): the blocks of b cells either side of block[j], per chunk j."""
+  def pick(x, offset):
+    x = _blocks(x, b)  # [batch, heads, blocks, b, ...]
+    padded = jnp.pad(x, [(0, 0), (0, 0), (1, 1)] + [(0, 0)] * (x.ndim - 3))
+    return padded[:, :, block + offset]
+  return (jax.tree.map(lambda x: pick(x, 0), cells),
+          jax.tree.map(lambda x: pick(x, 2), cells))
+
+
+def _side_inputs(x: _Positions, cfg: _Config) -> list:
+  """Per level, `_Side` of every chunk (chunk axis at position 2).
+
+  x: the padded sequence ([batch, heads, padded, ...]).
+  """
+  b, chunk = cfg.block_size, cfg.chunk
+  fine_keys, fine_queries = _fine_cells(x, cfg.query_mode)
+  starts = np.arange(cfg.num_chunks) * chunk
+  sides, keys, queries = [], None, None
+  for level in range(cfg.levels):
+    cell, width = 2**level, b * 2**level
+    query = None
+    if level == 0:  # raw keys (from the float32 sums, "fine" ran 5-9% slower at 4k)
+      before, after = _chunk_edges(_position_keys(x), width, cell, cfg)
+    elif width <= chunk:
+      before, after = _chunk_edges(fine_keys, width, cell, cfg)
     else:
-      if cells is None:  # cell sums of the first level with blocks longer than a chunk
-        cells = [_cell_sums(x, cell) for x in sums + ((qsum,) if qsum is not None else ())]
+      if keys is None:  # cell sums of the first level with blocks longer than a chunk
+        keys, queries = (None if y is None else _group_cells(y, cell)
+                         for y in (fine_keys, fine_queries))
       else:
-        cells = [_pair_sum(x) for x in cells]
-      block = starts // width  # query block holding each chunk
-      pairs = []
-      for x in cells[:3]:
-        x = _blocks(x, b)  # [batch, heads, blocks, b, ...]
-        padded = jnp.pad(x, [(0, 0), (0, 0), (1, 1)] + [(0, 0)] * (x.ndim - 3))
-        pairs.append((padded[:, :, block], padded[:, :, block + 2]))
-      if cell > chunk and cfg.query_mode == "sample":
-        entry["q"] = q[:, :, (starts >> level) << level][:, :, :, None]
-      elif cell > chunk and cfg.query_mode == "mean":
-        entry["q"] = _mean(cells[3], cells[2], q.dtype)[:, :, starts >> level][:, :, :, None]
-    order = [0, 1, 2] if cfg.causal else [0, 1, 2, 3, 4, 5]
-    flat = [p[0] for p in pairs] + [p[1] for p in pairs]
-    entry["sums"] = [flat[i] for i in order]
-    levels.append(entry)
-  flat0 = [p[0] for p in level0] + [p[1] for p in level0]
-  return {"level0": flat0[:3] if cfg.causal else flat0, "levels": levels}
+        keys, queries = (None if y is None else _pair_cells(y) for y in (keys, queries))
+      before, after = _neighbour_blocks(keys, starts // width, b)
+      if cell > chunk:
+        query = _chunk_queries(x, keys, queries, level, starts, cfg)
+    sides.append(_Side(before, None if cfg.causal else after, query))
+  return sides
 
 
-def _chunk_args(c, q, k, v, realf, side, cfg: _Config):
+def _chunk_queries(x: _Positions, keys: _KeyCells, queries, level, starts, cfg: _Config):
+  """"sample"/"mean" (else None): the query row of each chunk's cell of 2**level
+  positions, [batch, heads, chunks, 1, dim] (segment [batch, 1, chunks, 1])."""
+  if cfg.query_mode == "sample":
+    rows = _Queries(x.query, x.segment)
+    index = (starts >> level) << level
+  elif cfg.query_mode == "mean":
+    rows = _mean_queries(queries, keys.count, x.query.dtype)
+    index = starts >> level
+  else:
+    return None
+  return jax.tree.map(lambda y: y[:, :, index][:, :, :, None], rows)
+
+
+def _chunk_args(c, x: _Positions, side, cfg: _Config):
   """The arguments of `_chunk_output` for chunk c (traced) of full arrays."""
-  rows = lambda x: jax.lax.dynamic_slice_in_dim(x, c * cfg.chunk, cfg.chunk, axis=2)
-  pick = lambda x: jax.lax.dynamic_index_in_dim(x, c, axis=2, keepdims=False)
-  return (rows(q), rows(k), rows(v), rows(realf), jax.tree.map(pick, side))
+  rows = lambda y: jax.lax.dynamic_slice_in_dim(y, c * cfg.chunk, cfg.chunk, axis=2)
+  pick = lambda y: jax.lax.dynamic_index_in_dim(y, c, axis=2, keepdims=False)
+  return jax.tree.map(rows, x), jax.tree.map(pick, side)
+
+
+def _split_floats(tree):
+  """(float leaves of tree, rebuild): rebuild(floats) puts new float leaves in place;
+  rebuild(floats, others=None) also puts None for the other (integer) leaves."""
+  leaves, treedef = jax.tree.flatten(tree)
+  is_float = [jnp.issubdtype(leaf.dtype, jnp.floating) for leaf in leaves]
+
+  def rebuild(floats, others=leaves):
+    floats = iter(floats)
+    return treedef.unflatten([next(floats) if f else (None if others is None else other)
+                              for f, other in zip(is_float, leaves)])
+  return [leaf for leaf, f in zip(leaves, is_float) if f], rebuild
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunked(cfg: _Config, q, k, v, realf, side):
-  """`_chunk_output` of every chunk: [batch, heads, padded, dim] in q's dtype.
+def _chunked(cfg: _Config, x: _Positions, side):
+  """`_chunk_output` of every chunk: [batch, heads, padded, dim] in query's dtype.
 
   Runs chunk by chunk in a loop; the backward pass recomputes each chunk's
   forward (nothing but the inputs is kept), so temporaries stay chunk-sized.
   """
   def step(c, out):
-    out_c = _chunk_output(c, *_chunk_args(c, q, k, v, realf, side, cfg), cfg)
+    out_c = _chunk_output(c, *_chunk_args(c, x, side, cfg), cfg)
     return jax.lax.dynamic_update_slice_in_dim(out, out_c, c * cfg.chunk, axis=2)
-  return jax.lax.fori_loop(0, cfg.num_chunks, step, jnp.zeros(q.shape, q.dtype))
+  return jax.lax.fori_loop(0, cfg.num_chunks, step, jnp.zeros(x.query.shape, x.query.dtype))
 
 
-def _chunked_fwd(cfg, q, k, v, realf, side):
-  return _chunked(cfg, q, k, v, realf, side), (q, k, v, realf, side)
+def _chunked_fwd(cfg, x, side):
+  return _chunked(cfg, x, side), (x, side)
 
 
 def _chunked_bwd(cfg, residuals, d_out):
-  """Per chunk: recompute, pull d_out back, write the chunk's gradients."""
-  q, k, v, realf, side = residuals
+  """Per chunk: recompute, pull d_out back, write the chunk's gradients.
+
+  Only float inputs get gradients (segment ids are integers: None).
+  """
+  x, side = residuals
+  floats, rebuild = _split_floats((x, side))
 
   def step(c, grads):
-    args = _chunk_args(c, q, k, v, realf, side, cfg)
+    args = _chunk_args(c, x, side, cfg)
+    args_floats, args_rebuild = _split_floats(args)
     d_out_c = jax.lax.dynamic_slice_in_dim(d_out, c * cfg.chunk, cfg.chunk, axis=2)
-    _, pull = jax.vjp(lambda *a: _chunk_output(c, *a, cfg), *args)
-    d_args = pull(d_out_c)
-    rows = [jax.lax.dynamic_update_slice_in_dim(g, d, c * cfg.chunk, axis=2)
-            for g, d in zip(grads[:4], d_args[:4])]
+    _, pull = jax.vjp(lambda f: _chunk_output(c, *args_rebuild(f), cfg), args_floats)
+    d_x, d_side = args_rebuild(pull(d_out_c)[0], others=None)
+    rows = lambda g, d: jax.lax.dynamic_update_slice_in_dim(g, d, c * cfg.chunk, axis=2)
     put = lambda g, d: jax.lax.dynamic_update_index_in_dim(g, d, c, axis=2)
-    return (*rows, jax.tree.map(put, grads[4], d_args[4]))
+    grad_x, grad_side = rebuild(grads, others=None)
+    return _split_floats((jax.tree.map(rows, grad_x, d_x),
+                          jax.tree.map(put, grad_side, d_side)))[0]
 
-  zeros = jax.tree.map(jnp.zeros_like, residuals)
-  return jax.lax.fori_loop(0, cfg.num_chunks, step, zeros)
+  grads = jax.lax.fori_loop(0, cfg.num_chunks, step, [jnp.zeros_like(f) for f in floats])
+  return rebuild(grads, others=None)
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
@@ -428,7 +653,8 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 
 def hierarchical_attention(query, key, value, *, block_size: int = 16,
                            causal: bool = True, query_mode: str = "sample",
-                           key_mask=None, num_levels: int | None = None):
+                           key_mask=None, segment_ids=None,
+                           num_levels: int | None = None, chunk_size: int = 512):
   """Hierarchical (H-Transformer-1D) attention, exact to `reference.py`'s rule.
 
   Args:
@@ -445,26 +671,44 @@ def hierarchical_attention(query, key, value, *, block_size: int = 16,
       only meant as a leakage ablation and warns.
     key_mask: optional [batch, length] bool, True for real tokens; masked keys
       are never seen (and are left out of the cell means).
+    segment_ids: optional [batch, length] int, the segment of each position
+      (several sequences packed in one row); 0 (or negative) is padding, which
+      is never a key and whose rows return zeros. Query t sees key s at level
+      l = l(t, s) only if s is a real key (key_mask, nonzero segment) of t's
+      segment and, for l >= 1, every real key of s's level-l cell is in t's
+      segment and, on the query side, "sample": the first position of t's
+      cell is in t's segment; "mean": every non-padding position of t's cell
+      is; "fine": no condition. Nothing of one segment reaches another's
+      outputs. Exact to that rule when every segment is one contiguous run of
+      positions (for "fine" and "mean" in any layout; "sample" with a segment
+      split in several runs may drop some coarse pairs of the rule, never add
+      one). `hattention.packing_slot` says where a segment gets exactly its
+      outputs alone.
     num_levels: if set, only levels < num_levels are used (1 = block-local
       attention over the diagonal and neighbour blocks).
+    chunk_size: query positions per chunk, a power of two (at least 2 *
+      block_size is used). Longer sequences run chunk by chunk under a
+      recomputing custom VJP so that temporaries stay cache-sized; forward-mode
+      differentiation needs a single chunk.
 
   Returns:
     [batch, length, heads, head_dim] in query's dtype. Rows that see no key
     return zeros.
   """
-  _check_args(query, key, value, block_size, query_mode, key_mask, num_levels)
+  _check_args(query, key, value, block_size, query_mode, key_mask, num_levels,
+              segment_ids, chunk_size)
   if causal and query_mode == "mean":
     warnings.warn("hierarchical_attention: causal=True with query_mode='mean' "
                   "leaks future queries within a cell (leakage ablation only)",
                   stacklevel=2)
-  batch, length, _, dim = query.shape
-  padded = _padded_length(length, block_size)
+  batch, length, heads, dim = query.shape
+  padded = padded_length(length, block_size)
   levels = int(math.log2(padded // block_size))
   if num_levels is not None:
     levels = min(levels, num_levels)
-  scale = 1.0 / math.sqrt(dim)
-
-  heads = query.shape[2]
+  chunk = min(padded, max(chunk_size, 2 * block_size))
+  cfg = _Config(block_size, chunk, padded // chunk, levels, causal, query_mode,
+                1.0 / math.sqrt(dim))
   # One head: the batch stands in for the heads axis ([1, batch, ...]), a pure
   # reshape that keeps XLA from copying the inputs into the chunk loop.
   fold = heads == 1
@@ -473,21 +717,23 @@ def hierarchical_attention(query, key, value, *, block_size: int = 16,
     x = x.reshape(1, batch, length, dim) if fold else x.transpose(0, 2, 1, 3)
     return jnp.pad(x, [(0, 0), (0, 0), (0, padded - length), (0, 0)])
 
-  q, k, v = prepare(query), prepare(key), prepare(value)
-  if key_mask is None:
-    key_mask = jnp.ones((batch, length), bool)
-  realf = jnp.pad(key_mask.astype(jnp.float32), [(0, 0), (0, padded - length)])
-  realf = realf[None] if fold else realf[:, None]  # [batch, 1, padded] or [1, batch, padded]
-  chunk = min(padded, max(CHUNK, 2 * block_size))
-  cfg = _Config(block_size, chunk, padded // chunk, levels, causal, query_mode, scale)
-  side = _side_inputs(q, k, v, realf, cfg)
+  def per_position(x):  # [batch, length] -> [batch, 1, padded] or [1, batch, padded]
+    x = jnp.pad(x, [(0, 0), (0, padded - length)])
+    return x[None] if fold else x[:, None]
+
+  real = jnp.ones((batch, length), bool) if key_mask is None else key_mask.astype(bool)
+  segment = None
+  if segment_ids is not None:
+    segment = per_position(jnp.maximum(segment_ids.astype(jnp.int32), 0))
+    real = real & (segment_ids > 0)
+  x = _Positions(prepare(query), prepare(key), prepare(value),
+                 per_position(real.astype(jnp.float32)), segment)
+  side = _side_inputs(x, cfg)
   if cfg.num_chunks == 1:
-    pick = lambda x: x[:, :, 0]
-    out = _chunk_output(0, q, k, v, realf, jax.tree.map(pick, side), cfg)
+    out = _chunk_output(0, x, jax.tree.map(lambda y: y[:, :, 0], side), cfg)
   else:
-    out = _chunked(cfg, q, k, v, realf, side)
+    out = _chunked(cfg, x, side)
   out = out[:, :, :length]
   if fold:
     return out.reshape(batch, length, 1, dim)
   return out.transpose(0, 2, 1, 3)
-

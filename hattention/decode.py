@@ -44,9 +44,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from hattention.reference import padded_length
-
-QUERY_MODES = ("sample", "fine")
+from hattention.geometry import QUERY_MODES, padded_length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,11 +92,11 @@ def _check_config(block_size, query_mode, num_levels) -> None:
   if (not isinstance(block_size, int) or block_size < 2
       or block_size & (block_size - 1)):
     raise ValueError(f"block_size={block_size!r} must be a power of two >= 2")
+  if query_mode not in QUERY_MODES:
+    raise ValueError(f"query_mode={query_mode!r} must be one of {QUERY_MODES}")
   if query_mode == "mean":
     raise ValueError("query_mode='mean' cannot be decoded incrementally: "
                      "it uses queries at future positions")
-  if query_mode not in QUERY_MODES:
-    raise ValueError(f"query_mode={query_mode!r} must be one of {QUERY_MODES}")
   if num_levels is not None:
     _check_positive("num_levels", num_levels)
 

@@ -14,6 +14,16 @@ of 2**l positions holding s; the query of position t depends on ``query_mode``
 queries of t's cell). The softmax runs over every real fine position s (and only
 s <= t when causal), each weighted by exp(q_l(t) . k_l(s) / sqrt(head_dim)) and
 carrying value[s]. Rows that see no key at all return zeros.
+
+Segments (``segment_ids``; 0 or negative = padding): a real key is a position
+with key_mask and a nonzero segment; a non-padding position is one with a
+nonzero segment. The pair (t, s) at level l = level(t, s) counts only if s is
+a real key of t's segment and, for l >= 1:
+  - every real key of s's level-l cell is in t's segment;
+  - "sample": the first position of t's level-l cell is in t's segment;
+    "mean": every non-padding position of t's level-l cell is; "fine": no
+    condition.
+The cell means stay over the real keys (and real queries) of the cell.
 """
 
 import math
@@ -21,13 +31,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-
-def padded_length(length: int, block_size: int) -> int:
-  """Smallest block_size * 2**M >= length with M >= 1."""
-  padded = 2 * block_size
-  while padded < length:
-    padded *= 2
-  return padded
+from hattention.geometry import padded_length
 
 
 def level_map(padded: int, block_size: int) -> np.ndarray:
@@ -70,9 +74,39 @@ def _level_query(query, real, level, query_mode):
   raise ValueError(f"query_mode={query_mode!r}")
 
 
+def _cell_of(padded: int, level: int) -> np.ndarray:
+  """[padded, padded] bool: position u lies in the level-`level` cell of position p."""
+  cells = np.arange(padded) >> level
+  return cells[:, None] == cells[None, :]
+
+
+def _segment_conditions(segment, real, level, query_mode):
+  """[batch, t, s] bool: the level-`level` conditions of the segment rule.
+
+  segment: [batch, padded] int (0 = padding); real: [batch, padded] bool.
+  """
+  padded = segment.shape[1]
+  in_cell = _cell_of(padded, level)  # [p, u]
+  # foreign[b, t, u]: position u holds something of another segment than t's
+  foreign = segment[:, None, :] != segment[:, :, None]
+  # every real key u of s's cell is in t's segment: no u in cell(s) with real & foreign
+  bad_key = (foreign & real[:, None, :]).astype(jnp.float32) @ in_cell.T.astype(np.float32)
+  keys_ok = bad_key == 0  # [b, t, s]
+  if query_mode == "fine":
+    return keys_ok
+  if query_mode == "sample":
+    first = (np.arange(padded) >> level) << level
+    query_ok = segment[:, first] == segment  # [b, t]
+  else:  # "mean": every non-padding position u of t's cell is in t's segment
+    bad = foreign & (segment > 0)[:, None, :] & in_cell[None]
+    query_ok = ~bad.any(-1)
+  return keys_ok & query_ok[:, :, None]
+
+
 def hierarchical_attention_reference(query, key, value, *, block_size=16,
                                      causal=True, query_mode="sample",
-                                     key_mask=None, num_levels=None):
+                                     key_mask=None, segment_ids=None,
+                                     num_levels=None):
   """Dense reference of hierarchical attention.
 
   Args:
@@ -81,6 +115,8 @@ def hierarchical_attention_reference(query, key, value, *, block_size=16,
     causal: only keys at s <= t are seen.
     query_mode: "sample", "fine" or "mean".
     key_mask: optional [batch, length] bool, True for real tokens.
+    segment_ids: optional [batch, length] int, the segment of each position
+      (0 or negative: padding), with the rule in the module docstring.
     num_levels: if set, pairs whose level is >= num_levels are dropped
       (num_levels=1 is block-local attention over the diagonal and neighbour
       blocks).
@@ -95,6 +131,10 @@ def hierarchical_attention_reference(query, key, value, *, block_size=16,
   if key_mask is None:
     key_mask = jnp.ones((batch, length), dtype=bool)
   real = jnp.pad(key_mask.astype(bool), [(0, 0), (0, padded - length)])
+  segment = None
+  if segment_ids is not None:
+    segment = jnp.pad(jnp.maximum(jnp.asarray(segment_ids), 0), [(0, 0), (0, padded - length)])
+    real = real & (segment > 0)
 
   levels = level_map(padded, block_size)
   allowed = real[:, None, None, :]  # [batch, 1, 1, s]
@@ -102,6 +142,11 @@ def hierarchical_attention_reference(query, key, value, *, block_size=16,
     allowed = allowed & np.tril(np.ones((padded, padded), dtype=bool))
   if num_levels is not None:
     allowed = allowed & (levels < num_levels)
+  if segment is not None:
+    same = segment[:, :, None] == segment[:, None, :]  # [batch, t, s]
+    for level in range(1, int(levels.max()) + 1):
+      same = same & ((levels != level) | _segment_conditions(segment, real, level, query_mode))
+    allowed = allowed & same[:, None]
 
   logits = jnp.zeros((batch, heads, padded, padded), jnp.float32)
   for level in range(int(levels.max()) + 1):

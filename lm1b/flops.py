@@ -30,8 +30,9 @@ import time
 import jax
 import jax.numpy as jnp
 
+from hattention import QUERY_MODES, padded_length
+
 ATTENTIONS = ("full", "hierarchical")
-QUERY_MODES = ("fine", "sample", "mean")
 
 # Dense peak FLOP/s per chip (per GPU) by jax `device_kind`, for bfloat16 and float32 matmuls.
 # float32 is None where XLA runs f32 matmuls as multi-pass bf16 (TPU): no meaningful peak.
@@ -54,14 +55,6 @@ PEAK_FLOPS: dict[str, dict[str, float | None]] = {
     "NVIDIA H100": {"bfloat16": 989e12, "float32": 67e12},
     "NVIDIA H200": {"bfloat16": 989e12, "float32": 67e12},
 }
-
-
-def padded_length(length: int, block_size: int) -> int:
-  """Smallest block_size * 2**M >= length with M >= 1 (hattention's padding)."""
-  padded = 2 * block_size
-  while padded < length:
-    padded *= 2
-  return padded
 
 
 def matmul_params_per_token(*, num_layers: int, d_model: int, d_ff: int,

@@ -6,12 +6,10 @@ Parameters are float32 and carry logical axis names ('vocab', 'embed', 'mlp',
 'heads', 'kv', 'length') for `lm1b.partitioning`; activations are computed in
 `ModelConfig.dtype` and logits are returned in float32.
 
-Both attention kinds go through `attention_core`. Packed batches (several
-sentences per row, told apart by `segment_ids`) need attention='full': the
-hierarchical kernel has no segment isolation yet and only uses
-`segment_ids > 0` as a key-padding mask. Callers building packed batches must
-call `check_packing_supported(config, mode)`; the check cannot live inside the
-model because segment values are traced.
+Both attention kinds go through `attention_core`, and both keep the sentences
+of a packed row (told apart by `segment_ids`) apart. Hierarchical attention
+gives a sentence exactly the logits it gets alone when the sentence sits where
+`hattention.packing_slot` allows (positions restarting at 0 in each sentence).
 
 Activations carry logical sharding constraints (`nn.with_logical_constraint`):
 the residual stream ('batch', 'length', 'embed'), queries/keys/values ('batch',
@@ -29,12 +27,11 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from hattention import decode_step, hierarchical_attention, init_cache, kv_cache_step
+from hattention import (QUERY_MODES, decode_step, hierarchical_attention, init_cache,
+                        kv_cache_step)
 from lm1b.errors import ConfigError
 
 ATTENTION_KINDS = ("hierarchical", "full")
-QUERY_MODES = ("sample", "fine", "mean")
-BATCH_MODES = ("sentence", "packed")
 ACTIVATION_AXES = ("batch", "length", "embed")
 HEAD_AXES = ("batch", "length", "heads", "kv")
 
@@ -95,26 +92,15 @@ class ModelConfig:
     return jnp.dtype(self.dtype)
 
 
-def check_packing_supported(config: ModelConfig, mode: str) -> None:
-  """Raises ValueError unless batches in `mode` can be fed to `config`'s model."""
-  if mode not in BATCH_MODES:
-    raise ValueError(f"mode={mode!r} must be one of {BATCH_MODES}")
-  if mode == "packed" and config.attention != "full":
-    raise ValueError(
-        f"packed batches need attention='full' (got attention="
-        f"{config.attention!r}): hierarchical attention has no segment "
-        "isolation; use mode='sentence'")
-
-
 def attention_core(query, key, value, config: ModelConfig, segment_ids=None):
   """Causal self-attention of the kind `config.attention`.
 
   Args:
     query, key, value: [batch, length, heads, head_dim] in the compute dtype.
     config: model configuration.
-    segment_ids: optional [batch, length] int32, 0 on padding. Full attention
-      keeps each segment to itself; hierarchical attention only masks keys
-      with segment id 0 (see `check_packing_supported`).
+    segment_ids: optional [batch, length] int32, 0 on padding; each segment
+      attends only to itself (hierarchical: the segment rule of
+      `hierarchical_attention`).
 
   Returns:
     [batch, length, heads, head_dim] in query's dtype.
@@ -125,10 +111,9 @@ def attention_core(query, key, value, config: ModelConfig, segment_ids=None):
       mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
     return jax.nn.dot_product_attention(query, key, value, mask=mask,
                                         is_causal=True)
-  key_mask = None if segment_ids is None else segment_ids > 0
   return hierarchical_attention(
       query, key, value, block_size=config.block_size, causal=True,
-      query_mode=config.query_mode, key_mask=key_mask,
+      query_mode=config.query_mode, segment_ids=segment_ids,
       num_levels=config.num_levels)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from hattention import hierarchical_attention
+from hattention import hierarchical_attention, packing_slot
 from hattention.reference import hierarchical_attention_reference
 
 _STATIC = ("block_size", "causal", "query_mode", "num_levels")
@@ -226,40 +226,136 @@ _GOOD = jnp.zeros((2, 8, 2, 4))
     ((_GOOD,) * 3, dict(key_mask=jnp.ones((2, 8, 1), bool)), "key_mask.*(2, 8, 1)"),
     ((_GOOD,) * 3, dict(num_levels=0), "num_levels.*0"),
     ((_GOOD,) * 3, dict(num_levels=1.5), "num_levels.*1.5"),
+    ((_GOOD,) * 3, dict(segment_ids=jnp.ones((2, 7), jnp.int32)), "segment_ids.*(2, 7)"),
+    ((_GOOD,) * 3, dict(segment_ids=jnp.ones((2, 8))), "segment_ids must be integers"),
+    ((_GOOD,) * 3, dict(chunk_size=48), "chunk_size.*48"),
+    ((_GOOD,) * 3, dict(chunk_size=True), "chunk_size.*True"),
 ])
 def test_bad_arguments_raise(args, kwargs, pattern):
   with pytest.raises(ValueError, match=re.escape(pattern).replace(r"\.\*", ".*")):
     hierarchical_attention(*args, **kwargs)
 
 
-@pytest.mark.parametrize("query_mode,causal,masked", [
-    ("sample", True, True), ("fine", True, False), ("mean", False, True)])
-def test_chunked_path_values_and_gradients_match_reference(monkeypatch, query_mode, causal,
-                                                           masked):
-  """Sequences longer than CHUNK run chunk by chunk with a recomputing custom VJP."""
-  from hattention import attention  # pylint: disable=import-outside-toplevel
-  monkeypatch.setattr(attention, "CHUNK", 32)  # 300 -> padded 512: 16 chunks, levels > chunk
-  q, k, v = _inputs(300, seed=11)
-  mask = _end_padding_mask(300) if masked else None
-  options = dict(block_size=4, causal=causal, query_mode=query_mode, key_mask=mask)
+@pytest.mark.parametrize("query_mode,causal,masked,layout", [
+    ("sample", True, True, None), ("fine", True, False, None),
+    ("sample", True, False, "back_to_back"), ("mean", False, True, "aligned")])
+def test_chunked_path_values_and_gradients_match_reference(query_mode, causal, masked, layout):
+  """Sequences longer than chunk_size run chunk by chunk with a recomputing custom VJP."""
+  q, k, v = _inputs(200, seed=11)
+  mask = _end_padding_mask(200) if masked else None
+  segment_ids = None if layout is None else _segments(200, layout, seed=12)
+  options = dict(block_size=4, causal=causal, query_mode=query_mode, key_mask=mask,
+                 segment_ids=segment_ids)
+  fast_options = dict(options, chunk_size=16)  # 200 -> padded 256: 16 chunks, cells > chunk
   cotangent = jax.random.normal(jax.random.PRNGKey(12), q.shape)
 
-  def value_and_grads(fn):
-    loss = lambda q, k, v: (fn(q, k, v, **options) * cotangent).sum()
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+  def output_and_grads(fn, **extra):
+    def run(q, k, v):
+      out, pull = jax.vjp(lambda q, k, v: fn(q, k, v, **options, **extra), q, k, v)
+      return out, pull(cotangent)
+    return jax.jit(run)(q, k, v)
 
-  jaxpr = str(jax.make_jaxpr(lambda q, k, v: hierarchical_attention(q, k, v, **options))(
+  jaxpr = str(jax.make_jaxpr(lambda q, k, v: hierarchical_attention(q, k, v, **fast_options))(
       q, k, v))
   assert "custom_vjp_call" in jaxpr  # the chunked path (fori_loop under a custom VJP) runs
-  got_loss, got = value_and_grads(hierarchical_attention)
-  want_loss, want = value_and_grads(hierarchical_attention_reference)
-  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
-  np.testing.assert_allclose(jax.jit(lambda q, k, v: hierarchical_attention(
-      q, k, v, **options))(q, k, v), hierarchical_attention_reference(q, k, v, **options),
-                             atol=1e-5, rtol=1e-5)
+  got_out, got = output_and_grads(hierarchical_attention, chunk_size=16)
+  want_out, want = output_and_grads(hierarchical_attention_reference)
+  np.testing.assert_allclose(got_out, want_out, atol=1e-5, rtol=1e-5)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
-  bf16 = jax.jit(lambda q, k, v: hierarchical_attention(q, k, v, **options))(
+  bf16 = jax.jit(lambda q, k, v: hierarchical_attention(q, k, v, **fast_options))(
       *(x.astype(jnp.bfloat16) for x in (q, k, v)))
-  np.testing.assert_allclose(bf16.astype(jnp.float32), hierarchical_attention_reference(
-      q, k, v, **options), atol=BF16_ATOL, rtol=0)
+  np.testing.assert_allclose(bf16.astype(jnp.float32), want_out, atol=BF16_ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------- segments
+
+
+def _segments(length, layout, seed=0):
+  """[2, length] int32 segment ids (0 = padding) of a named layout.
+
+  "one": row 0 one segment, row 1 one segment and a padding tail; "back_to_back": segments
+  of 1-40 positions at arbitrary offsets, gaps of 0-3 padding positions; "aligned": the
+  segments of "back_to_back" moved to the offsets `packing_slot` allows; "split": ids drawn
+  again for 20% of the positions, so that segments are split in several runs.
+  """
+  rng = np.random.default_rng(seed)
+  rows = np.zeros((2, length), np.int32)
+  for row in rows:
+    cursor, segment = 0, 1
+    while cursor < length:
+      n = int(rng.integers(1, 41))
+      offset = cursor + int(rng.integers(0, 4))
+      if layout == "aligned":
+        offset = packing_slot(n, 2).first_offset(offset)  # block 2: aligned for every block
+      row[offset:offset + n] = segment
+      cursor, segment = offset + n, segment + 1
+  if layout == "one":
+    rows[0], rows[1] = 1, np.arange(length) < length - length // 3
+  if layout == "split":
+    rows = np.where(rng.random(rows.shape) < 0.2, rng.integers(0, 4, rows.shape), rows)
+  return jnp.asarray(rows)
+
+
+SEGMENT_CASES = [  # (length, block_size, causal, query_mode, layout, masked)
+    (37, 2, True, "sample", "back_to_back", False),
+    (37, 2, False, "mean", "split", True),
+    (100, 4, True, "fine", "split", False),
+    (100, 4, False, "sample", "aligned", True),
+    (130, 16, True, "mean", "back_to_back", False),
+    (70, 16, False, "fine", "one", True),
+]
+
+
+@pytest.mark.parametrize("length,block_size,causal,query_mode,layout,masked", SEGMENT_CASES,
+                         ids=[str(c) for c in SEGMENT_CASES])
+def test_segments_match_reference(length, block_size, causal, query_mode, layout, masked):
+  q, k, v = _inputs(length, seed=length + block_size)
+  options = dict(block_size=block_size, causal=causal, query_mode=query_mode,
+                 key_mask=_end_padding_mask(length) if masked else None,
+                 segment_ids=_segments(length, layout, seed=length))
+  got = _quiet(_fast, q, k, v, **options)
+  want = _quiet(_reference, q, k, v, **options)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def _perturb_segment(x, segment_ids, segment, seed):
+  """x [batch, length, ...] with the positions of `segment` replaced by fresh noise."""
+  noise = jax.random.normal(jax.random.PRNGKey(seed), x.shape, x.dtype)
+  return jnp.where((segment_ids == segment)[:, :, None, None], noise, x)
+
+
+@pytest.mark.parametrize("layout", ["back_to_back", "split"])
+def test_nothing_of_a_segment_reaches_another(layout):
+  """Perturbing one segment's queries, keys and values leaves every other position's output
+  bit for bit unchanged, in unaligned layouts and with segments split in several runs."""
+  q, k, v = _inputs(100, seed=20)
+  segment_ids = _segments(100, layout, seed=21)
+  for query_mode, causal, chunk_size in [("sample", True, 32), ("fine", False, 512),
+                                         ("mean", False, 32)]:
+    options = dict(block_size=4, causal=causal, query_mode=query_mode,
+                   segment_ids=segment_ids, chunk_size=chunk_size)
+    base = np.asarray(_quiet(_fast_chunked, q, k, v, **options))
+    for segment in (2, 3):
+      moved = _quiet(_fast_chunked, *(_perturb_segment(x, segment_ids, segment, seed=i)
+                                      for i, x in enumerate((q, k, v))), **options)
+      inside = np.asarray(segment_ids == segment)
+      np.testing.assert_array_equal(np.asarray(moved)[~inside], base[~inside])
+      assert np.abs(np.asarray(moved)[inside] - base[inside]).max() > 1e-2
+
+
+_fast_chunked = jax.jit(hierarchical_attention, static_argnames=_STATIC + ("chunk_size",))
+
+
+def test_segments_with_large_logits_stay_finite_and_bfloat16_stays_close():
+  q, k, v = _inputs(100, seed=22)
+  options = dict(block_size=4, query_mode="sample", segment_ids=_segments(100, "back_to_back"))
+  got = np.asarray(_fast(q * 10.0, k * 10.0, v, **options))  # logits x 100
+  real = np.asarray(options["segment_ids"]) > 0
+  assert np.isfinite(got).all() and (np.abs(got[real]).sum(-1) > 1e-3).all()
+  assert (got[~real] == 0).all()  # padding rows see nothing
+  np.testing.assert_allclose(got, _reference(q * 10.0, k * 10.0, v, **options), atol=1e-4,
+                             rtol=1e-4)
+  bf16 = _fast(*(x.astype(jnp.bfloat16) for x in (q, k, v)), **options)
+  np.testing.assert_allclose(bf16.astype(jnp.float32), _fast(q, k, v, **options),
+                             atol=BF16_ATOL, rtol=0)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from lm1b.model import (DecoderLM, ModelConfig, check_packing_supported,
-                        count_params)
+from hattention import packing_slot
+from lm1b.model import DecoderLM, ModelConfig, count_params
 
 TINY = ModelConfig(vocab_size=64, num_layers=2, num_heads=2, d_model=32,
                    d_ff=64, max_len=32, dropout_rate=0.0, block_size=4,
@@ -113,13 +113,41 @@ def test_hierarchical_segment_ids_mask_padding_keys(params):
       _logits(config, params, tokens), atol=1e-6)
 
 
-def test_check_packing_supported():
-  check_packing_supported(_config("full"), "packed")
-  check_packing_supported(_config("hierarchical-sample"), "sentence")
-  with pytest.raises(ValueError, match="packed batches need attention='full'"):
-    check_packing_supported(_config("hierarchical-sample"), "packed")
-  with pytest.raises(ValueError, match="mode='stacked'"):
-    check_packing_supported(_config("full"), "stacked")
+def _packed_row(sentences, block_size, row):
+  """Sentences laid out with packing_slot: (tokens, positions, segment_ids) [1, row] and the
+  offset of each sentence."""
+  tokens, positions, segment_ids = (np.zeros(row, np.int32) for _ in range(3))
+  offsets, cursor = [], 0
+  for i, sentence in enumerate(sentences):
+    n = sentence.shape[1]
+    slot = packing_slot(n, block_size)
+    offset = slot.first_offset(cursor)
+    tokens[offset:offset + n], positions[offset:offset + n] = sentence[0], np.arange(n)
+    segment_ids[offset:offset + n] = i + 1
+    offsets.append(offset)
+    cursor = offset + slot.span
+  assert cursor <= row
+  return tuple(jnp.asarray(x)[None] for x in (tokens, positions, segment_ids)), offsets
+
+
+@pytest.mark.parametrize("kind", ["hierarchical-sample", "hierarchical-fine"])
+def test_packed_hierarchical_sentence_gets_its_logits_alone(params, kind):
+  """Sentences of 9, 3, 6 and 11 tokens at offsets 0, 10, 13, 20 of a 32-position row (block
+  4): each gets the logits it gets alone, and changing one leaves the others' unchanged."""
+  config = _config(kind)
+  sentences = [_tokens(1, n, seed=n) for n in (9, 3, 6, 11)]
+  (tokens, positions, segment_ids), offsets = _packed_row(sentences, TINY.block_size, 32)
+  assert offsets == [0, 10, 13, 20]
+  logits = _logits(config, params, tokens, positions=positions, segment_ids=segment_ids)
+  for sentence, offset in zip(sentences, offsets):
+    n = sentence.shape[1]
+    np.testing.assert_allclose(logits[:, offset:offset + n],
+                               _logits(config, params, sentence), atol=1e-5)
+  changed = _logits(config, params, jnp.where(segment_ids == 2, 7, tokens),
+                    positions=positions, segment_ids=segment_ids)
+  others = np.asarray((segment_ids != 2)[0])
+  np.testing.assert_array_equal(changed[0, others], logits[0, others])
+  assert not np.allclose(changed[0, ~others], logits[0, ~others])
 
 
 def _decode_all(config, params, tokens):

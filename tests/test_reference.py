@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hattention.reference import (hierarchical_attention_reference,
-                                  level_map, padded_length)
+from hattention import padded_length
+from hattention.reference import hierarchical_attention_reference, level_map
 
 
 def _pair_level(t: int, s: int, block_size: int) -> int:
@@ -35,8 +35,29 @@ def _cell_mean(x: np.ndarray, real: np.ndarray, position: int,
   return np.mean(rows, axis=0) if rows else np.zeros(x.shape[1])
 
 
+def _cell(position: int, level: int) -> range:
+  """The positions of the aligned cell of 2**level holding position."""
+  start = (position >> level) << level
+  return range(start, start + 2**level)
+
+
+def _segment_rule(t, s, level, segment, real, query_mode) -> bool:
+  """The segment conditions of pair (t, s) at `level` (segment: [padded], 0 = padding)."""
+  if not real[s] or segment[s] != segment[t]:
+    return False
+  if level == 0:
+    return True
+  if any(real[u] and segment[u] != segment[t] for u in _cell(s, level)):
+    return False
+  if query_mode == "sample":
+    return segment[_cell(t, level)[0]] == segment[t]
+  if query_mode == "mean":
+    return all(segment[u] == segment[t] for u in _cell(t, level) if segment[u] > 0)
+  return True
+
+
 def _brute_force(query, key, value, block_size, causal, query_mode,
-                 key_mask=None, num_levels=None):
+                 key_mask=None, num_levels=None, segment_ids=None):
   """The rule, one (batch, head, t, s) at a time. Inputs [B, L, H, D]."""
   query, key, value = (np.asarray(x, np.float64) for x in (query, key, value))
   batch, length, heads, dim = query.shape
@@ -44,6 +65,10 @@ def _brute_force(query, key, value, block_size, causal, query_mode,
   pad = [(0, 0), (0, padded - length), (0, 0), (0, 0)]
   q, k, v = (np.pad(x, pad) for x in (query, key, value))
   mask = np.ones((batch, length), bool) if key_mask is None else np.asarray(key_mask)
+  segment = None
+  if segment_ids is not None:
+    segment = np.pad(np.maximum(np.asarray(segment_ids), 0), [(0, 0), (0, padded - length)])
+    mask = mask & (np.asarray(segment_ids) > 0)
   real = np.pad(mask, [(0, 0), (0, padded - length)])
   out = np.zeros((batch, length, heads, dim))
   for b, h, t in itertools.product(range(batch), range(heads), range(length)):
@@ -53,6 +78,9 @@ def _brute_force(query, key, value, block_size, causal, query_mode,
       if not real[b, s] or (causal and s > t):
         continue
       if num_levels is not None and level >= num_levels:
+        continue
+      if segment is not None and not _segment_rule(t, s, level, segment[b], real[b],
+                                                   query_mode):
         continue
       if query_mode == "fine" or level == 0:
         q_t = q[b, t, h]
@@ -78,11 +106,6 @@ def _end_padding_mask(length, batch=2):
   """[batch, length] bool: row 0 full, row 1 with its last third masked."""
   lengths = np.array([length, max(1, length - length // 3 - 1)])[:batch]
   return np.arange(length)[None] < lengths[:, None]
-
-
-def test_padded_length():
-  assert [padded_length(n, 4) for n in (1, 8, 9, 16, 17, 33)] == [8, 8, 16, 16, 32, 64]
-  assert padded_length(1024, 16) == 1024 and padded_length(1025, 16) == 2048
 
 
 def test_level_map_by_hand():
@@ -175,3 +198,34 @@ def test_rows_without_keys_are_zero():
                                          key_mask=mask)
   assert np.all(np.asarray(out[0, :2]) == 0)
   assert np.all(np.abs(np.asarray(out[0, 2:])).sum(-1) > 0)
+
+
+# Segments back to back with gaps, split in several runs, with and without key_mask.
+SEGMENTS = {
+    "back_to_back": [[1, 1, 1, 2, 2, 0, 3, 3, 3, 3, 3, 3, 4, 0, 5, 5, 5, 0, 0],
+                     [0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 0, 0]],
+    "split": [[1, 2, 1, 1, 2, 2, 0, 3, 1, 3, 3, 3, 2, 0, 1, 1, 3, 3, 2],
+              [2, 2, 1, 1, 1, 0, 1, 1, 2, 1, 1, 2, 2, 2, 2, 1, 1, 0, 1]],
+}
+SEGMENT_CASES = [  # (block_size, causal, query_mode, layout, masked)
+    (2, True, "sample", "back_to_back", False),
+    (2, False, "mean", "split", True),
+    (2, False, "fine", "back_to_back", True),
+    (4, True, "fine", "split", False),
+    (2, False, "sample", "split", False),
+    (4, False, "mean", "back_to_back", False),
+]
+
+
+@pytest.mark.parametrize("block_size,causal,query_mode,layout,masked", SEGMENT_CASES)
+def test_reference_segments_match_brute_force(block_size, causal, query_mode, layout, masked):
+  q, k, v = _inputs(19, seed=5)
+  mask = _end_padding_mask(19) if masked else None
+  segment_ids = np.array(SEGMENTS[layout])
+  options = dict(block_size=block_size, causal=causal, query_mode=query_mode, key_mask=mask)
+  got = hierarchical_attention_reference(q, k, v, segment_ids=segment_ids, **options)
+  want = _brute_force(q, k, v, block_size, causal, query_mode, mask, segment_ids=segment_ids)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  plain = _brute_force(q, k, v, block_size, causal, query_mode, mask)
+  assert np.abs(want - plain).max() > 1e-2  # the segments matter
+
