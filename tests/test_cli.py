@@ -314,3 +314,21 @@ def test_failed_asynchronous_save_stops_the_run_at_once(micro, tmp_path, monkeyp
   last = max(int(m) for m in re.findall(r"^step (\d+)/1000", captured.out, re.MULTILINE))
   assert 5 <= last < 1000
   assert not (tmp_path / "checkpoints" / "5").exists()
+
+
+@pytest.mark.parametrize("model_binding", [
+    "ModelConfig.query_mode = 'sample'", "ModelConfig.query_mode = 'fine'",
+    "ModelConfig.attention = 'full'"])
+def test_packed_and_sentence_rows_score_the_test_split_alike(trained, tmp_path, model_binding):
+  results = {}
+  for mode in ("sentence", "packed"):
+    out = tmp_path / f"{mode}.json"
+    assert cli.eval_main(["--workdir", str(trained), "--output", str(out), "--gin_param",
+                          model_binding, "--gin_param", f"build_inputs.mode = '{mode}'"]) == 0
+    results[mode] = json.loads(out.read_text())
+  sentence, packed = results["sentence"], results["packed"]
+  assert packed["mode"] == "packed" and sentence["mode"] == "sentence"
+  for key in ("sentences", "tokens", "words"):
+    assert packed[key] == sentence[key], key
+  for key in ("loss", "per_token_perplexity", "per_word_perplexity"):
+    assert packed[key] == pytest.approx(sentence[key], rel=1e-4), key
