@@ -161,9 +161,9 @@ class _Side(NamedTuple):
   after (after is None when causal): for blocks inside the neighbour chunks,
   the last (first) block of the previous (next) chunk; for blocks longer than
   a chunk, the blocks either side of the block holding the chunk. At level 0
-  the _Keys of the b positions of the block before / after the chunk. query: the chunk's _Queries row (one per
-  chunk) when a cell is longer than the chunk ("sample" and "mean"), else
-  None. `_side_inputs` returns every array with a chunk axis at position 2
+  the _Keys of the b positions of the block before / after the chunk. query:
+  the chunk's _Queries row (one per chunk) when a cell is longer than the
+  chunk ("sample" and "mean"), else None. `_side_inputs` returns every array with a chunk axis at position 2
   (e.g. before.key: [batch, heads, chunks, b, dim]); a chunk sees it dropped.
   """
   before: _KeyCells | _Keys

@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Iterator
+from typing import Iterator
 
 import gin
 import jax

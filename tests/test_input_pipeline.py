@@ -7,7 +7,7 @@ import gin
 import numpy as np
 import pytest
 
-from lm1b import batches, input_pipeline, sources
+from lm1b import input_pipeline, sources
 from lm1b.errors import ConfigError
 from tests.fake_source import random_sentences
 
