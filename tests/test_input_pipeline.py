@@ -7,7 +7,7 @@ import gin
 import numpy as np
 import pytest
 
-from lm1b import input_pipeline, sources
+from lm1b import batches, input_pipeline, sources
 from lm1b.errors import ConfigError
 from tests.fake_source import random_sentences
 
@@ -28,6 +28,16 @@ def text_source(tmp_path, monkeypatch):
   gin.clear_config()
 
 
+def _train(split, config, *, process_index, process_count):
+  return input_pipeline.train_batches(split, config, slot=batches.contiguous_slot,
+                                      process_index=process_index, process_count=process_count)
+
+
+def _eval(split, config, *, process_index, process_count):
+  return input_pipeline.eval_batches(split, config, slot=batches.contiguous_slot,
+                                     process_index=process_index, process_count=process_count)
+
+
 def test_prepare_data_then_batches(text_source):
   workdir = text_source / "work"
   data = input_pipeline.prepare_data(workdir, sources.make_source(), ("train", "test"))
@@ -42,18 +52,18 @@ def test_prepare_data_then_batches(text_source):
 
   config = input_pipeline.InputConfig(global_batch=4, seq_len=16, mode="packed",
                                       eval_global_batch=6)
-  train = input_pipeline.train_batches(data.splits["train"], config, process_index=0,
+  train = _train(data.splits["train"], config, process_index=0,
                                        process_count=1)
   batch = next(train)
   assert batch["inputs"].shape == (4, 16) and batch["weights"].sum() > 0
-  evals = list(input_pipeline.eval_batches(data.splits["test"], config, process_index=0,
+  evals = list(_eval(data.splits["test"], config, process_index=0,
                                            process_count=1))
   assert all(b["inputs"].shape == (6, 16) for b in evals)
   assert sum(float(b["words"].sum()) for b in evals) == sum(len(s.split()) + 1 for s in text)
 
   again = input_pipeline.prepare_data(workdir, sources.make_source(), ("train",))
   assert again.tokenizer.model_bytes() == data.tokenizer.model_bytes()
-  train_again = input_pipeline.train_batches(again.splits["train"], config, process_index=0,
+  train_again = _train(again.splits["train"], config, process_index=0,
                                              process_count=1)
   np.testing.assert_array_equal(next(train_again)["inputs"], batch["inputs"])
 
@@ -88,9 +98,9 @@ def test_other_processes_wait_for_the_chiefs_tokenizer(text_source):
 def test_two_processes_share_the_global_batch(text_source):
   data = input_pipeline.prepare_data(text_source / "work", sources.make_source(), ("train",))
   config = input_pipeline.InputConfig(global_batch=4, seq_len=16)
-  whole = input_pipeline.train_batches(data.splits["train"], config, process_index=0,
+  whole = _train(data.splits["train"], config, process_index=0,
                                        process_count=1)
-  halves = [input_pipeline.train_batches(data.splits["train"], config, process_index=p,
+  halves = [_train(data.splits["train"], config, process_index=p,
                                          process_count=2) for p in range(2)]
   want = next(whole)
   got = [next(h) for h in halves]
