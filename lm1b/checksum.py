@@ -64,11 +64,9 @@ def _flat_index(shape: tuple[int, ...]) -> jax.Array:
   return index
 
 
-@jax.jit
 def _lanes(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The two uint32 [] lanes of one array's digest (scalars, so replicated when x is
-  sharded). One program per shape, dtype and sharding: compiled once for all the arrays
-  of a model that share them, and shared by any tree holding such arrays."""
+  sharded)."""
   bits = _bits_as_uint32(x)
   index = _flat_index(bits.shape)
   multipliers = jnp.array([m for m, _ in _LANES], jnp.uint32)
@@ -77,6 +75,14 @@ def _lanes(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   lanes = jnp.sum(mixed, axis=tuple(range(bits.ndim)), dtype=jnp.uint32)  # no reshape:
   # merging a sharded axis with others would move data between devices
   return lanes[0], lanes[1]
+
+
+@jax.jit
+def _tree_lanes(leaves: list[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
+  """_lanes of every leaf, in one program: every process runs the same single program, whose
+  collectives (the sums of sharded arrays) cannot interleave differently across processes, as
+  a program per leaf dispatched asynchronously could (that deadlocked two processes)."""
+  return [_lanes(x) for x in leaves]
 
 
 def path_name(path: tuple) -> str:
@@ -106,8 +112,8 @@ def tree_checksums(tree: Any) -> dict[str, str]:
   leaf leave the devices.
   """
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  lanes = jax.block_until_ready([
-      _lanes(leaf if isinstance(leaf, jax.Array) else np.asarray(leaf)) for _, leaf in flat])
+  lanes = jax.block_until_ready(_tree_lanes(
+      [leaf if isinstance(leaf, jax.Array) else np.asarray(leaf) for _, leaf in flat]))
   return {path_name(path): "".join(f"{_value(lane):08x}" for lane in pair)
           for (path, _), pair in zip(flat, lanes)}
 

@@ -388,7 +388,7 @@ items = {"params": {"w": jax.device_put(x, NamedSharding(mesh_a, P("data", None)
          "train": {"step": jnp.asarray(3, jnp.int32)}}
 single = {"params": {"w": x, "v": x}, "train": {"step": jnp.asarray(3, jnp.int32)}}
 assert checksum.tree_checksums(items) == checksum.tree_checksums(single)
-hlo = checksum._lanes.lower(items["params"]["v"]).compile().as_text()
+hlo = checksum._tree_lanes.lower([items["params"]["v"]]).compile().as_text()
 assert "all-reduce" in hlo and "all-gather" not in hlo and "all-to-all" not in hlo, hlo
 ckpt = checkpoints.Checkpointer(sys.argv[1], async_save=True)
 ckpt.save(3, items, {"epoch": np.int64(2)}, "cfg", force=True)
