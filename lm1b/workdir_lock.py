@@ -36,7 +36,6 @@ import uuid
 from typing import NamedTuple
 
 import fsspec
-
 from etils import epath
 
 from lm1b import storage
