@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorstore
 from etils import epath
 from tensorboard.backend.event_processing import event_file_loader
 
@@ -166,6 +167,16 @@ def test_train_resume_eval_and_sample_with_a_gs_workdir(gcs, micro, tmp_path):
                                "12"], env)
   assert sampled.stdout.startswith("# step 6, seed 0\n[the] the"), sampled.stdout
   assert list(pathlib.Path(data_root, "token_cache").iterdir())  # token caches stay local
+
+
+@pytest.mark.gcs
+def test_listings_see_objects_written_past_gcsfs(gcs):
+  directory = _bucket("listing")
+  (directory / "a").write_text("a")
+  assert [p.name for p in directory.iterdir()] == ["a"]
+  store = tensorstore.KvStore.open({"driver": "gcs", "bucket": fake_gcs.BUCKET}).result()
+  store.write("listing/b", b"b").result()  # as Orbax's arrays (or another host) would
+  assert sorted(p.name for p in directory.iterdir()) == ["a", "b"]
 
 
 @pytest.mark.gcs
