@@ -53,14 +53,20 @@ def check_location(path: epath.PathLike, what: str) -> None:
     return
   if not path.startswith(GCS_SCHEME):
     raise ConfigError(f"{what} {path}: only local paths and {GCS_SCHEME} URLs are supported")
+  bucket = path[len(GCS_SCHEME):].split("/", 1)[0]
+  if not bucket:
+    raise ConfigError(f"{what} {path} names no bucket (gs://BUCKET/path)")
   try:
     importlib.import_module("gcsfs")  # what fsspec loads for gs://
   except ImportError as error:
     raise ConfigError(f"{what} {path} needs gcsfs for Cloud Storage ({error}); run: "
                       f"{GCS_INSTALL_HINT}") from error
-  bucket = path[len(GCS_SCHEME):].split("/", 1)[0]
-  if not bucket or not epath.Path(GCS_SCHEME + bucket).exists():
-    raise ConfigError(f"{what} {path}: bucket {bucket!r} does not exist or cannot be read")
+  try:  # listing needs only storage.objects.list (reading the bucket's metadata needs more)
+    next(iter(epath.Path(GCS_SCHEME + bucket).iterdir()), None)
+  except FileNotFoundError:
+    raise ConfigError(f"{what} {path}: bucket {bucket!r} does not exist") from None
+  except OSError as error:
+    raise ConfigError(f"{what} {path}: bucket {bucket!r} cannot be listed ({error})") from error
 
 
 def write_bytes_atomic(path: epath.PathLike, data: bytes) -> None:

@@ -67,6 +67,8 @@ def test_only_local_paths_and_gs_urls_are_accepted():
   storage.check_location("relative/dir", "--workdir")
   with pytest.raises(ConfigError, match=r"--workdir s3://b/run: only local paths and gs://"):
     storage.check_location("s3://b/run", "--workdir")
+  with pytest.raises(ConfigError, match=r"--output gs:///x.json names no bucket"):
+    storage.check_location("gs:///x.json", "--output")
   assert storage.resolve("gs://b/run") == "gs://b/run"
   assert storage.resolve("run") == os.path.abspath("run")
 
