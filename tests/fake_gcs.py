@@ -18,9 +18,11 @@ keep each from looking for credentials:
   GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false
                                 gcsfs does not ask the Storage Control gRPC API for the bucket's
                                 layout (the fake server has none: 60 s time-outs per bucket);
-  NO_GCE_CHECK, GCE_METADATA_HOST/_IP/_ROOT
-                                any metadata-server request goes to `MetadataWatch`, a local
-                                listener that counts connections (the tests expect none).
+  NO_GCE_CHECK=true             google-auth does not probe for a metadata server;
+  GCE_METADATA_HOST/_IP/_ROOT   should anything still ask one, the request goes to
+                                `MetadataWatch`, a local listener that counts connections:
+                                the tests expect none (without FSSPEC_GCS_TOKEN and
+                                NO_GCE_CHECK, a train/eval/sample round makes two dozen).
 """
 
 import dataclasses
