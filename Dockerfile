@@ -1,21 +1,24 @@
 # Training image for Cloud TPU VMs (default) or NVIDIA GPUs.
 #   docker build -t hlm1b .                                       # TPU, embedded/tarball/text data
 #   docker build -t hlm1b --build-arg WITH_TFDS=1 .               # TPU + the TFDS lm1b source
+#   docker build -t hlm1b --build-arg WITH_GCS=1 .                # TPU + gs:// workdirs
 #   docker build -t hlm1b-gpu --build-arg ACCELERATOR=cuda12 .    # NVIDIA GPU
 # On a TPU VM run with --privileged --net=host so JAX sees the chips and the other hosts.
 FROM python:3.11-slim
 
 ARG ACCELERATOR=tpu
 ARG WITH_TFDS=0
+ARG WITH_GCS=0
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     HLM1B_DATA_ROOT=/data
 
 WORKDIR /app
-COPY requirements.txt requirements-tfds.txt pyproject.toml ./
+COPY requirements.txt requirements-tfds.txt requirements-gcs.txt pyproject.toml ./
 RUN python -m pip install --upgrade pip \
  && pip install -r requirements.txt "jax[${ACCELERATOR}]==0.10.2" \
- && if [ "${WITH_TFDS}" = "1" ]; then pip install -r requirements-tfds.txt; fi
+ && if [ "${WITH_TFDS}" = "1" ]; then pip install -r requirements-tfds.txt; fi \
+ && if [ "${WITH_GCS}" = "1" ]; then pip install -r requirements-gcs.txt; fi
 
 COPY hattention ./hattention
 COPY lm1b ./lm1b

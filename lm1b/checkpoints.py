@@ -33,10 +33,12 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from lm1b import checksum
+from lm1b import storage
 
 _LOG = logging.getLogger(__name__)
 _DATA, _CONFIG, _CHECKSUMS = "data", "config", "checksums"
@@ -194,7 +196,8 @@ def _listing(problems: Sequence[str]) -> str:
 
 
 class Checkpointer:
-  """Saves and restores checkpoints under `directory` (one sub-directory per step).
+  """Saves and restores checkpoints under `directory` (one sub-directory per step), a local
+  directory or a gs:// URL (lm1b.storage).
 
   Every method must be called on every process (Orbax and the checksums synchronise the
   hosts); process 0 alone logs and moves directories.
@@ -207,7 +210,7 @@ class Checkpointer:
     if save_every < 1:
       raise ValueError(f"Checkpointer save_every={save_every} must be >= 1")
     _quiet_orbax()
-    self.directory = os.fspath(os.path.abspath(directory))
+    self.directory = storage.resolve(directory)  # local (absolute) or gs://
     self.save_every = save_every
     self._saving_step: int | None = None
     self._unchecked_save = False  # a save started whose outcome nobody has looked at yet
@@ -229,7 +232,7 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def step_path(self, step: int) -> str:
-    return os.path.join(self.directory, str(step))
+    return str(epath.Path(self.directory) / str(step))
 
   def should_save(self, step: int) -> bool:
     """True on positive multiples of `save_every` not saved yet."""
@@ -408,8 +411,8 @@ class Checkpointer:
     moved = []
     if _is_chief():
       for step in steps:
-        source = self.step_path(step)
-        if os.path.isdir(source):
+        source = epath.Path(self.step_path(step))
+        if source.is_dir():
           moved.append(self._move_aside(source, str(step)))
           _LOG.warning("moved damaged checkpoint %s to %s", source, moved[-1])
     if jax.process_count() > 1:
@@ -417,15 +420,14 @@ class Checkpointer:
     self._manager.reload()
     return moved
 
-  def _move_aside(self, source: str, name: str) -> str:
-    corrupt = os.path.join(self.directory, CORRUPT_DIR)
-    os.makedirs(corrupt, exist_ok=True)
-    target, suffix = os.path.join(corrupt, name), 0
-    while os.path.exists(target):
+  def _move_aside(self, source: epath.Path, name: str) -> str:
+    corrupt = epath.Path(self.directory) / CORRUPT_DIR
+    target, suffix = corrupt / name, 0
+    while target.exists():
       suffix += 1
-      target = os.path.join(corrupt, f"{name}.{suffix}")
-    os.rename(source, target)
-    return target
+      target = corrupt / f"{name}.{suffix}"
+    storage.move_tree(source, target)
+    return str(target)
 
   # -- lifetime ------------------------------------------------------------------------------
   def close(self) -> None:

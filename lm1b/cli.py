@@ -29,14 +29,15 @@ from typing import Callable, Sequence
 
 import gin
 import jax
+from etils import epath
 
-from lm1b import checkpoints, evaluate, paths, sampling, sources, train
+from lm1b import checkpoints, evaluate, paths, sampling, sources, storage, train
+from lm1b import workdir as workdir_lib
 from lm1b.errors import ConfigError
 from lm1b.workdir_lock import WorkdirLockedError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_GIN_FILE = "gin/tiny.gin"
-CONFIG_FILE = "config.gin"
 EXIT_CONFIG_ERROR = 2
 EXIT_FAILURE = 1
 
@@ -57,8 +58,21 @@ def _one_line(error: BaseException) -> str:
   return " | ".join(lines) or type(error).__name__
 
 
+def _open_remote(path: str):
+  return epath.Path(path).open()
+
+
+def _is_remote_file(path: str) -> bool:
+  return storage.is_remote(path) and epath.Path(path).is_file()
+
+
+# gin reads local files with open(); a workdir's config.gin may be on gs:// (eval, sample).
+gin.config.register_file_reader(_open_remote, _is_remote_file)
+
+
 def parse_gin(files: Sequence[str], params: Sequence[str]) -> None:
-  """Clears gin and parses `files` then `params`; raises ConfigError with gin's message.
+  """Clears gin and parses `files` (local or gs://) then `params`; raises ConfigError with
+  gin's message.
 
   Includes inside gin files are looked up in the working directory, the repository root and
   its gin/ directory.
@@ -67,7 +81,7 @@ def parse_gin(files: Sequence[str], params: Sequence[str]) -> None:
   for search_path in (str(REPO_ROOT), str(REPO_ROOT / "gin")):
     gin.add_config_file_search_path(search_path)
   for name in files:
-    if not os.path.isfile(name):
+    if not epath.Path(name).is_file():
       raise ConfigError(f"gin file not found: {name}")
   try:
     gin.parse_config_files_and_bindings(list(files), list(params))
@@ -155,16 +169,22 @@ def init_distributed() -> None:
 
 
 def _workdir_config(workdir: str) -> str:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isfile(path):
+  """The path of WORKDIR/config.gin (local or gs://); ConfigError naming it if missing."""
+  storage.check_location(workdir, "--workdir")
+  path = epath.Path(workdir) / workdir_lib.CONFIG_FILE
+  if not path.is_file():
     raise ConfigError(f"{path} not found: is --workdir a training run directory?")
-  return path
+  return str(path)
 
 
 def _check_output_dir(path: str | None) -> None:
-  """Raises ConfigError unless `path` is None or names a file in an existing directory."""
+  """Raises ConfigError unless `path` is None, a gs:// object in a reachable bucket, or names
+  a file in an existing local directory."""
   if path is None:
     return
+  storage.check_location(path, "--output")
+  if storage.is_remote(path):
+    return  # an object store has no directories to check
   directory = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(directory):
     raise ConfigError(f"--output {path}: directory {directory} does not exist")

@@ -14,7 +14,6 @@ constraints of the model hold for init as for every step.
 import dataclasses
 import functools
 import logging
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -22,6 +21,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from etils import epath
 
 import hattention
 from lm1b import batches as batches_lib
@@ -30,6 +30,7 @@ from lm1b import model as model_lib
 from lm1b import optim
 from lm1b import partitioning
 from lm1b import tokenizer as tokenizer_lib
+from lm1b import workdir as workdir_lib
 from lm1b.errors import ConfigError
 
 _LOG = logging.getLogger(__name__)
@@ -146,18 +147,18 @@ class TrainedModel:
   mesh: jax.sharding.Mesh
 
 
-def load_trained(workdir: str, model_config: model_lib.ModelConfig, seq_len: int, *,
+def load_trained(workdir: epath.PathLike, model_config: model_lib.ModelConfig, seq_len: int, *,
                  step: int | None = None) -> TrainedModel:
   """The workdir's tokenizer and the parameters of checkpoint `step` (default: the latest
   readable one) on the gin-configured mesh; the optimizer state is never read.
 
   Raises FileNotFoundError when the workdir has no tokenizer or no such checkpoint.
   """
-  tokenizer = tokenizer_lib.load_tokenizer(os.path.join(workdir, tokenizer_lib.MODEL_FILENAME))
+  tokenizer = tokenizer_lib.load_tokenizer(epath.Path(workdir) / tokenizer_lib.MODEL_FILENAME)
   model_config = resolve_model_config(model_config, tokenizer.vocab_size, seq_len)
   mesh = partitioning.make_mesh()
   abstract = {"params": abstract_params(model_config, mesh)}
-  with checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
+  with checkpoints.Checkpointer(epath.Path(workdir) / workdir_lib.CHECKPOINT_DIR,
                                 async_save=False) as checkpointer:
     if step is None:
       restored = checkpointer.restore_latest_valid(abstract)

@@ -8,12 +8,11 @@ one process per data root under a build lock, the others wait for the cache's ma
 
 import dataclasses
 import logging
-import os
-import pathlib
 import time
 from typing import Iterator
 
 import gin
+from etils import epath
 
 from lm1b import batches as batches_lib
 from lm1b import sources, token_cache
@@ -79,7 +78,7 @@ class PreparedData:
   descriptions: dict[str, str]
 
 
-def wait_for_file(path: pathlib.Path, what: str, poll_s: float = 1.0) -> None:
+def wait_for_file(path: epath.Path, what: str, poll_s: float = 1.0) -> None:
   """Blocks until `path` exists, logging what it waits for every WAIT_LOG_EVERY_S seconds."""
   start = last = time.monotonic()
   while not path.exists():
@@ -89,17 +88,17 @@ def wait_for_file(path: pathlib.Path, what: str, poll_s: float = 1.0) -> None:
     time.sleep(poll_s)
 
 
-def prepare_tokenizer(workdir: str | os.PathLike, source: sources.SentenceSource, *,
+def prepare_tokenizer(workdir: epath.PathLike, source: sources.SentenceSource, *,
                       is_chief: bool) -> tokenizer_lib.Tokenizer:
   """The workdir's tokenizer: trained by the chief process if absent, waited for by others."""
-  path = pathlib.Path(workdir) / tokenizer_lib.MODEL_FILENAME
+  path = epath.Path(workdir) / tokenizer_lib.MODEL_FILENAME
   if is_chief:
     return tokenizer_lib.load_or_train_tokenizer(workdir, source)
   wait_for_file(path, "the tokenizer, trained by process 0")
   return tokenizer_lib.load_tokenizer(path)
 
 
-def prepare_data(workdir: str | os.PathLike, source: sources.SentenceSource,
+def prepare_data(workdir: epath.PathLike, source: sources.SentenceSource,
                  splits: tuple[str, ...], *, is_chief: bool = True,
                  tokenizer: tokenizer_lib.Tokenizer | None = None) -> PreparedData:
   """Tokenizer and token caches of `splits`, all ready when this returns (see module doc).

@@ -13,53 +13,99 @@ point, so orphaned points of tags that are not written again stay. `MetricWriter
 resume_step=S)` therefore rewrites the existing event files without their events after S
 (each file replaced atomically, keeping its name and order) and then writes the START event
 for readers that already loaded the old files.
+
+The logdir may be local or gs:// (lm1b.storage). Locally, tensorboard's EventFileWriter
+appends to the event file. An object cannot be appended to, and tensorboard's file layer
+without TensorFlow would overwrite a gs:// event file with each flushed chunk through gcsfs:
+there `ObjectEventFile` keeps the file's records in memory and uploads the whole object at
+every flush. Event files are read with tensorboard's loader (TensorFlow's gfile if installed,
+else its stub, which reaches gs:// through fsspec), listed and rewritten through etils.epath.
 """
 
+import io
+import itertools
 import math
 import os
+import socket
 import time
 from typing import Mapping
 
 import numpy as np
+from etils import epath
 from tensorboard.backend.event_processing import event_file_loader
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.text import summary_v2 as text_summary
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tensorboard.summary.writer.record_writer import RecordWriter
 
+from lm1b import storage
+
 EVENT_FILE_MARK = "tfevents"  # what TensorBoard looks for in an event file's name
 
 
-def event_files(logdir: str) -> list[str]:
+def event_files(logdir: epath.PathLike) -> list[str]:
   """The event files directly in `logdir`, in TensorBoard's (lexicographic) reading order."""
-  if not os.path.isdir(logdir):
+  logdir = epath.Path(logdir)
+  if not logdir.is_dir():
     return []
-  return sorted(os.path.join(logdir, name) for name in os.listdir(logdir)
-                if EVENT_FILE_MARK in name and os.path.isfile(os.path.join(logdir, name)))
+  return sorted(str(path) for path in logdir.iterdir()
+                if EVENT_FILE_MARK in path.name and path.is_file())
 
 
 def drop_events_after(path: str, step: int) -> int:
   """Rewrites the event file `path` without its events whose step is > `step`.
 
-  The file is replaced atomically (a temporary file whose name TensorBoard ignores, then a
-  rename) and only if something is dropped; a truncated last record is dropped too.
-  Returns the number of events dropped.
+  The file is replaced atomically (lm1b.storage.write_bytes_atomic) and only if something is
+  dropped; a truncated last record is dropped too. Returns the number of events dropped.
   """
   records = list(event_file_loader.RawEventFileLoader(path).Load())
   kept = [r for r in records if event_pb2.Event.FromString(r).step <= step]
-  if len(kept) == len(records) and os.path.getsize(path) == sum(len(r) + 16 for r in records):
+  size = epath.Path(path).stat().length
+  if len(kept) == len(records) and size == sum(len(r) + 16 for r in records):
     return 0
-  temporary = os.path.join(os.path.dirname(path), f".rewrite-{os.getpid()}.tmp")
-  with open(temporary, "wb") as f:
-    writer = RecordWriter(f)
-    for record in kept:
-      writer.write(record)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(temporary, path)
+  buffer = io.BytesIO()
+  writer = RecordWriter(buffer)
+  for record in kept:
+    writer.write(record)
+  storage.write_bytes_atomic(path, buffer.getvalue())
   return len(records) - len(kept)
 
+
 _MAX_LOG = math.log(np.finfo(np.float64).max)
+_FILE_NUMBERS = itertools.count()
+
+
+class ObjectEventFile:
+  """An event file on an object store, rewritten whole (atomically) at every flush.
+
+  Named like EventFileWriter's files (events.out.tfevents.<time>.<host>.<pid>.<n>) and with
+  the same first event; flushes when an event arrives `flush_secs` after the last flush, on
+  flush() and on close(). Holds the whole file in memory (scalars and samples: kilobytes to
+  a few megabytes for a long run).
+  """
+
+  def __init__(self, logdir: epath.PathLike, flush_secs: float):
+    name = "events.out.%s.%010d.%s.%d.%d" % (EVENT_FILE_MARK, time.time(), socket.gethostname(),
+                                             os.getpid(), next(_FILE_NUMBERS))
+    self.path = epath.Path(logdir) / name
+    self.flush_secs = flush_secs
+    self._records = io.BytesIO()
+    self._record_writer = RecordWriter(self._records)
+    self._last_flush = time.monotonic()
+    self.add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+    self.flush()
+
+  def add_event(self, event: event_pb2.Event) -> None:
+    self._record_writer.write(event.SerializeToString())
+    if time.monotonic() - self._last_flush >= self.flush_secs:
+      self.flush()
+
+  def flush(self) -> None:
+    storage.write_bytes_atomic(self.path, self._records.getvalue())
+    self._last_flush = time.monotonic()
+
+  def close(self) -> None:
+    self.flush()
 
 
 class MetricWriter:
@@ -71,7 +117,7 @@ class MetricWriter:
   docstring); None leaves existing files alone.
   """
 
-  def __init__(self, logdir: str | os.PathLike, *, enabled: bool = True,
+  def __init__(self, logdir: epath.PathLike, *, enabled: bool = True,
                resume_step: int | None = None):
     self.logdir = os.fspath(logdir)
     self._writer = None
@@ -80,7 +126,10 @@ class MetricWriter:
     if resume_step is not None:
       for path in event_files(self.logdir):
         drop_events_after(path, resume_step)
-    self._writer = EventFileWriter(self.logdir, flush_secs=30)
+    if storage.is_remote(self.logdir):
+      self._writer = ObjectEventFile(self.logdir, flush_secs=30)
+    else:
+      self._writer = EventFileWriter(self.logdir, flush_secs=30)
     if resume_step is not None:
       self._writer.add_event(event_pb2.Event(
           wall_time=time.time(), step=resume_step + 1,

@@ -17,13 +17,14 @@ and is deterministic: the same source gives the same tokenizer.
 import io
 import logging
 import os
-import pathlib
-import tempfile
 import time
 from typing import Iterable, Iterator, Sequence
 
 import gin
 import sentencepiece as spm
+from etils import epath
+
+from lm1b import storage
 
 PAD_ID = 0
 EOS_ID = 1
@@ -36,9 +37,9 @@ MODEL_FILENAME = "tokenizer.model"
 class Tokenizer:
   """A loaded SentencePiece model; ids are Python ints, without BOS/EOS."""
 
-  def __init__(self, processor: spm.SentencePieceProcessor, path: pathlib.Path):
+  def __init__(self, processor: spm.SentencePieceProcessor, path: epath.PathLike):
     self._sp = processor
-    self.path = pathlib.Path(path)
+    self.path = epath.Path(path)
     self.vocab_size = int(processor.get_piece_size())
     expected = {"pad_id": PAD_ID, "eos_id": EOS_ID, "bos_id": BOS_ID, "unk_id": UNK_ID}
     actual = {"pad_id": processor.pad_id(), "eos_id": processor.eos_id(),
@@ -64,9 +65,10 @@ class Tokenizer:
     return self._sp.serialized_model_proto()
 
 
-def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-  """Loads a SentencePiece model file; a missing or corrupt file is a one-line error naming it."""
-  path = pathlib.Path(path)
+def load_tokenizer(path: epath.PathLike) -> Tokenizer:
+  """Loads a SentencePiece model file (local or gs://); a missing or corrupt file is a one-line
+  error naming it."""
+  path = epath.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"Tokenizer model not found: {path}")
   processor = spm.SentencePieceProcessor()
@@ -87,7 +89,7 @@ def _sample(sentences: Iterator[str], limit: int, counter: list[int]) -> Iterato
     yield sentence
 
 
-def train_tokenizer(path: pathlib.Path, sentences: Iterator[str], *, vocab_size: int,
+def train_tokenizer(path: epath.Path, sentences: Iterator[str], *, vocab_size: int,
                     sample_sentences: int, model_type: str,
                     character_coverage: float) -> None:
   """Trains a model on the first `sample_sentences` sentences and writes it atomically to path."""
@@ -106,20 +108,13 @@ def train_tokenizer(path: pathlib.Path, sentences: Iterator[str], *, vocab_size:
     raise ValueError(f"SentencePiece training for {path} failed (vocab_size={vocab_size}, "
                      f"{counter[0]} sentences; a small corpus needs a smaller vocab_size): "
                      f"{message}") from None
-  fd, tmp_name = tempfile.mkstemp(prefix=".tokenizer-", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(proto.getvalue())
-    os.replace(tmp_name, path)
-  except BaseException:
-    os.unlink(tmp_name)
-    raise
+  storage.write_bytes_atomic(path, proto.getvalue())
   logging.info("Trained %s tokenizer (vocab %d) on %d sentences in %.1f s -> %s", model_type,
                vocab_size, counter[0], time.time() - start, path)
 
 
 @gin.configurable
-def load_or_train_tokenizer(workdir: str | os.PathLike, source, *, vocab_size: int = 8000,
+def load_or_train_tokenizer(workdir: epath.PathLike, source, *, vocab_size: int = 8000,
                             sample_sentences: int = 1_000_000, model_type: str = "unigram",
                             character_coverage: float = 1.0) -> Tokenizer:
   """Returns workdir/tokenizer.model, training it first from `source`'s train split if absent.
@@ -127,10 +122,8 @@ def load_or_train_tokenizer(workdir: str | os.PathLike, source, *, vocab_size: i
   An existing model is always reused (resume, eval, sampling), even if vocab_size differs; a
   mismatch is logged.
   """
-  workdir = pathlib.Path(workdir)
-  path = workdir / MODEL_FILENAME
+  path = epath.Path(workdir) / MODEL_FILENAME
   if not path.exists():
-    workdir.mkdir(parents=True, exist_ok=True)
     logging.info("Training tokenizer from source %s (first %d train sentences)", source.name,
                  sample_sentences)
     train_tokenizer(path, source.sentences("train"), vocab_size=vocab_size,

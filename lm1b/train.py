@@ -36,6 +36,7 @@ from typing import Iterator
 import gin
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from lm1b import batches as batches_lib
@@ -48,9 +49,11 @@ from lm1b import metrics as metrics_lib
 from lm1b import model as model_lib
 from lm1b import optim
 from lm1b import partitioning
+from lm1b import paths
 from lm1b import sampling
 from lm1b import sources
 from lm1b import steps
+from lm1b import storage
 from lm1b import workdir as workdir_lib
 from lm1b.console import is_chief, say
 from lm1b.errors import ConfigError
@@ -204,8 +207,9 @@ class Trainer:
       self.batches.restore(restored.data_state)
       self.data_state = self.batches.state()
       say(f"resumed from {self.checkpointer.step_path(restored.step)} (step {restored.step})")
-    self.writer = metrics_lib.MetricWriter(os.path.join(self.workdir, "tensorboard"),
-                                           enabled=is_chief(), resume_step=self.step)
+    self.writer = metrics_lib.MetricWriter(
+        epath.Path(self.workdir) / workdir_lib.TENSORBOARD_DIR, enabled=is_chief(),
+        resume_step=self.step)
 
   def save(self, *, force: bool = False) -> None:
     """Saves the current step (checked finite first) if due, or always with force."""
@@ -382,6 +386,14 @@ def _locked_workdir(workdir: str) -> Iterator[None]:
     lock.release()
 
 
+def _check_workdir(workdir: str, config_text: str) -> None:
+  """ConfigError (before anything is written) for a workdir that cannot be reached or holds
+  another configuration, and for a data root that is not a local directory."""
+  storage.check_location(workdir, "workdir")
+  paths.data_root()
+  workdir_lib.check_config(workdir, config_text)
+
+
 def prepare_only(workdir: str) -> input_pipeline.PreparedData:
   """Prepares the data of a run (tokenizer into the workdir, train and test token caches)
   and writes config.gin, without touching an accelerator (e.g. once on a CPU VM)."""
@@ -389,7 +401,7 @@ def prepare_only(workdir: str) -> input_pipeline.PreparedData:
   config_text = gin.config_str()
   model_lib.ModelConfig()  # bad model bindings fail here, before anything is written
   input_pipeline.InputConfig()
-  workdir_lib.check_config(workdir, config_text)
+  _check_workdir(workdir, config_text)
   source = sources.make_source(splits=SPLITS)
   with _locked_workdir(workdir):
     data = input_pipeline.prepare_data(workdir, source, SPLITS)
@@ -428,7 +440,7 @@ def train_and_evaluate(workdir: str, *, num_steps: int = gin.REQUIRED, log_every
   optimizer = optim.make_optimizer(num_steps)
   mesh = partitioning.make_mesh()
   input_config.check_processes(partitioning.batch_shard(mesh)[1])
-  workdir_lib.check_config(workdir, config_text)
+  _check_workdir(workdir, config_text)
   source = sources.make_source(splits=SPLITS)
   say(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
       f"device(s), {jax.process_count()} process(es)")
@@ -439,7 +451,7 @@ def train_and_evaluate(workdir: str, *, num_steps: int = gin.REQUIRED, log_every
   except StopSignal as stopped:
     say(f"{stopped.signal_name} received before the training loop: stopped")
     result = TrainResult(step=0, losses={}, stopped_by=stopped.signal_name)
-  result.checkpoint_step = _latest_checkpoint(os.path.join(workdir, "checkpoints"))
+  result.checkpoint_step = _latest_checkpoint(epath.Path(workdir) / workdir_lib.CHECKPOINT_DIR)
   return result
 
 
@@ -456,7 +468,7 @@ def _train_in_workdir(workdir: str, loop: LoopConfig, model_config: model_lib.Mo
       f"{model_config.attention} attention, vocab {model_config.vocab_size})")
   spec = experiment.make_state_spec(model_config, optimizer, mesh)
   with checkpoints.Checkpointer(
-      os.path.join(workdir, "checkpoints"), keep=loop.keep_checkpoints,
+      epath.Path(workdir) / workdir_lib.CHECKPOINT_DIR, keep=loop.keep_checkpoints,
       save_every=loop.checkpoint_every, async_save=loop.async_checkpoints) as checkpointer:
     if checkpointer.latest_step() is not None:  # names differing shapes before any write
       checkpointer.check_compatible(experiment.checkpoint_items(spec.abstract))
@@ -477,9 +489,9 @@ def _train_in_workdir(workdir: str, loop: LoopConfig, model_config: model_lib.Mo
   return result
 
 
-def _latest_checkpoint(directory: str) -> int | None:
+def _latest_checkpoint(directory: epath.Path) -> int | None:
   """The newest complete checkpoint step in `directory`, None if there is none."""
-  if not os.path.isdir(directory):
+  if not directory.is_dir():
     return None
   with checkpoints.Checkpointer(directory, async_save=False) as checkpointer:
     return checkpointer.latest_step()

@@ -3,17 +3,19 @@
 A workdir holds config.gin (the run's gin configuration, compared on every resume),
 tokenizer.model, checkpoints/, tensorboard/ and eval_<split>_<step>.json files. Paths go
 through etils.epath (the path library Orbax uses), so a workdir may be a local directory or a
-gs:// location.
+gs:// location (see lm1b.storage).
 """
 
 import json
-import uuid
 
 from etils import epath
 
+from lm1b import storage
 from lm1b.errors import ConfigError
 
 CONFIG_FILE = "config.gin"
+CHECKPOINT_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
 # Bindings that may change when a run is resumed (loop lengths, logging, device layout).
 RESUMABLE_SELECTORS = ("train_and_evaluate.", "make_mesh.")
 
@@ -56,26 +58,13 @@ def check_config(workdir: epath.PathLike, config_text: str) -> None:
                       "or the same settings")
 
 
-def write_text_atomic(path: epath.PathLike, text: str) -> None:
-  """Writes `text` to `path` through a temporary file in the same directory and a rename."""
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.parent / f".tmp-{uuid.uuid4().hex}-{path.name}"
-  try:
-    tmp.write_text(text)
-    tmp.replace(path)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-
-
 def write_config(workdir: epath.PathLike, config_text: str) -> None:
-  write_text_atomic(epath.Path(workdir) / CONFIG_FILE, config_text)
+  storage.write_text_atomic(epath.Path(workdir) / CONFIG_FILE, config_text)
 
 
 def write_json(path: epath.PathLike, data: dict) -> str:
   """Writes `data` to `path` as indented JSON, atomically; returns the path."""
-  write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+  storage.write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
   return str(path)
 
 

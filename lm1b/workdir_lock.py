@@ -1,6 +1,6 @@
 """A lock file that keeps a second training process out of a workdir.
 
-`WorkdirLock(workdir)` creates <workdir>/train.lock atomically (O_CREAT | O_EXCL) holding
+`WorkdirLock(workdir)` creates <workdir>/train.lock atomically (see below), holding
 the holder's host, pid, process start time, the time it took the lock and a heartbeat that
 a daemon thread refreshes. A second holder is refused at once with WorkdirLockedError naming
 the holder. The file is removed on any exit of the `with` block (normal or exception). A lock
@@ -11,7 +11,19 @@ left by a crash or `kill -9` is recognised as stale and taken over with a warnin
 * holder on another host (a shared workdir): its heartbeat is older than `stale_after`.
 
 With several processes, only process 0 should hold the lock (pass enabled=False elsewhere).
-O_EXCL creation is atomic on local filesystems and NFSv3+; on object stores it is not.
+
+Where the lock lives decides how it is made atomic:
+
+* a local directory (or NFSv3+): O_CREAT | O_EXCL creation; a stale lock is renamed to a name
+  of its own before it is removed, so two contenders cannot both take it over;
+* gs:// (lm1b.storage): Cloud Storage has neither O_EXCL nor rename. The lock object is
+  created with gcsfs's create-if-absent upload (the precondition ifGenerationMatch=0), so of
+  two processes creating it at once exactly one succeeds. Taking a stale lock over, the
+  heartbeat and the release read the lock, check its token and then delete or rewrite it:
+  between that read and the write another process could have taken the lock over, which it
+  does only after `stale_after` seconds without a heartbeat (or two contenders take over the
+  same stale lock within that instant). The heartbeat notices a lost lock at its next beat
+  and logs it.
 """
 
 import json
@@ -22,6 +34,11 @@ import threading
 import time
 import uuid
 from typing import NamedTuple
+
+import fsspec
+from etils import epath
+
+from lm1b import storage
 
 _LOG = logging.getLogger(__name__)
 LOCK_FILE = "train.lock"
@@ -75,13 +92,131 @@ def _format_time(seconds: float) -> str:
   return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
 
 
+def _parse(data: bytes | None) -> LockInfo | None:
+  """The LockInfo in a lock file's bytes; None for missing or invalid (e.g. half written)."""
+  if data is None:
+    return None
+  try:
+    return LockInfo(**json.loads(data))
+  except (ValueError, TypeError):
+    return None
+
+
+def _encode(info: LockInfo) -> bytes:
+  return json.dumps(info._asdict()).encode("utf-8")
+
+
+class _LocalLockFile:
+  """The lock file in a local directory: O_EXCL creation, atomic renames."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def create(self, data: bytes) -> bool:
+    """Creates the file with `data`; False if it already exists."""
+    try:
+      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    return True
+
+  def read(self) -> bytes | None:
+    try:
+      with open(self.path, "rb") as f:
+        return f.read()
+    except OSError:
+      return None
+
+  def mtime(self) -> float:
+    try:
+      return os.path.getmtime(self.path)
+    except OSError:
+      return 0.0
+
+  def overwrite(self, data: bytes, token: str) -> None:
+    temporary = f"{self.path}.beat-{token}"
+    with open(temporary, "wb") as f:
+      f.write(data)
+    os.replace(temporary, self.path)
+
+  def remove(self) -> None:
+    os.remove(self.path)
+
+  def take_away(self, token: str, by: str) -> LockInfo | None:
+    """Removes the lock if it still holds `token` (the stale holder's); returns the lock found
+    instead, left in place, if another process took it meanwhile. by: the taker's token."""
+    moved = f"{self.path}.stale-{by}"
+    try:
+      os.rename(self.path, moved)
+    except FileNotFoundError:
+      return None  # another contender moved it first; try creating again
+    with open(moved, "rb") as f:
+      taken = _parse(f.read())
+    if taken is not None and taken.token != token:  # a live lock slipped in
+      os.rename(moved, self.path)
+      return taken
+    os.remove(moved)
+    return None
+
+
+class _ObjectLockFile:
+  """The lock object on Cloud Storage (see the module docstring for what is atomic)."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self._fs, self._key = fsspec.core.url_to_fs(path)
+
+  def create(self, data: bytes) -> bool:
+    try:
+      self._fs.pipe_file(self._key, data, mode="create")  # ifGenerationMatch=0
+    except FileExistsError:
+      return False
+    return True
+
+  def read(self) -> bytes | None:
+    try:
+      return self._fs.cat_file(self._key)
+    except FileNotFoundError:
+      return None
+
+  def mtime(self) -> float:
+    try:
+      return self._fs.modified(self._key).timestamp()
+    except FileNotFoundError:
+      return 0.0
+
+  def overwrite(self, data: bytes, token: str) -> None:  # pylint: disable=unused-argument
+    self._fs.pipe_file(self._key, data)  # an object is replaced whole
+
+  def remove(self) -> None:
+    self._fs.rm_file(self._key)
+
+  def take_away(self, token: str, by: str) -> LockInfo | None:  # pylint: disable=unused-argument
+    """As _LocalLockFile.take_away, with the race of the module docstring."""
+    data = self.read()
+    if data is None:
+      return None
+    current = _parse(data)
+    if current is not None and current.token != token:
+      return current
+    try:
+      self.remove()
+    except FileNotFoundError:
+      pass
+    return None
+
+
+def _lock_file(path: str) -> _LocalLockFile | _ObjectLockFile:
+  return _ObjectLockFile(path) if storage.is_remote(path) else _LocalLockFile(path)
+
+
 def read_lock(path: str) -> LockInfo | None:
   """The lock file's contents, or None if it is missing or unreadable (e.g. half written)."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      return LockInfo(**json.load(f))
-  except (OSError, ValueError, TypeError):
-    return None
+  return _parse(_lock_file(os.fspath(path)).read())
 
 
 def stale_reason(info: LockInfo, *, stale_after: float) -> str | None:
@@ -117,7 +252,8 @@ class WorkdirLock:
       raise ValueError(f"WorkdirLock needs 0 < heartbeat_every ({heartbeat_every}) < "
                        f"stale_after ({stale_after})")
     self.workdir = os.fspath(workdir)
-    self.path = os.path.join(self.workdir, name)
+    self.path = str(epath.Path(self.workdir) / name)
+    self._file = _lock_file(self.path)
     self.enabled = enabled
     self.heartbeat_every, self.stale_after = heartbeat_every, stale_after
     self._info: LockInfo | None = None
@@ -130,8 +266,8 @@ class WorkdirLock:
     """Takes the lock (or a stale one over); raises WorkdirLockedError if it is held."""
     if not self.enabled:
       return
-    if not os.path.isdir(self.workdir):
-      os.makedirs(self.workdir)
+    if not storage.is_remote(self.workdir) and not os.path.isdir(self.workdir):
+      os.makedirs(self.workdir)  # (an object store has no directories to create)
       self._created_workdir = True
     now = time.time()
     self._info = LockInfo(socket.gethostname(), os.getpid(), process_start_ticks(os.getpid()),
@@ -145,45 +281,27 @@ class WorkdirLock:
 
   def _create(self) -> bool:
     """Creates the lock file with our info; False if it already exists."""
-    try:
-      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-      return False
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      json.dump(self._info._asdict(), f)
-      f.flush()
-      os.fsync(f.fileno())
-    return True
+    return self._file.create(_encode(self._info))
 
   def _remove_if_stale(self) -> None:
-    """Moves a stale lock away (atomic rename, so two contenders cannot both take it over);
-    raises WorkdirLockedError if the holder may be alive."""
-    holder = read_lock(self.path)
+    """Removes a stale lock (so that creating it can be tried again); raises
+    WorkdirLockedError if the holder may be alive."""
+    holder = _parse(self._file.read())
     if holder is None:
       holder = self._unreadable_holder()
     reason = stale_reason(holder, stale_after=self.stale_after)
     if reason is None:
       raise WorkdirLockedError(f"workdir {self.workdir} is in use by {_describe(holder)}; "
                                f"stop that run or use another --workdir (lock: {self.path})")
-    moved = f"{self.path}.stale-{self._info.token}"
-    try:
-      os.rename(self.path, moved)
-    except FileNotFoundError:
-      return  # another contender moved it first; try creating again
-    taken = read_lock(moved)
-    if taken is not None and taken.token != holder.token:  # a live lock slipped in
-      os.rename(moved, self.path)
+    taken = self._file.take_away(holder.token, by=self._info.token)
+    if taken is not None:
       raise WorkdirLockedError(f"workdir {self.workdir} is in use by {_describe(taken)}")
-    os.remove(moved)
     _LOG.warning("took over the stale lock %s of %s: %s", self.path, _describe(holder), reason)
 
   def _unreadable_holder(self) -> LockInfo:
     """A lock file without valid contents: a holder between creating and writing it (fresh),
     or one that died there (old); judged by the file's age like a foreign holder."""
-    try:
-      mtime = os.path.getmtime(self.path)
-    except OSError:
-      mtime = 0.0
+    mtime = self._file.mtime()
     return LockInfo("(unknown)", -1, None, mtime, mtime, "")
 
   # -- heartbeat -----------------------------------------------------------------------------
@@ -200,16 +318,13 @@ class WorkdirLock:
 
   def _refresh(self) -> bool:
     """Rewrites the lock with a new heartbeat (atomic replace); False if it is not ours."""
-    current = read_lock(self.path)
+    current = _parse(self._file.read())
     if current is None or current.token != self._info.token:
       _LOG.error("lock %s was taken over by %s", self.path,
                  _describe(current) if current else "another process")
       return False
     self._info = self._info._replace(heartbeat=time.time())
-    temporary = f"{self.path}.beat-{self._info.token}"
-    with open(temporary, "w", encoding="utf-8") as f:
-      json.dump(self._info._asdict(), f)
-    os.replace(temporary, self.path)
+    self._file.overwrite(_encode(self._info), self._info.token)
     return True
 
   # -- releasing -----------------------------------------------------------------------------
@@ -220,9 +335,9 @@ class WorkdirLock:
       self._stop.set()
       self._thread.join()
       self._thread = None
-    current = read_lock(self.path)
+    current = _parse(self._file.read())
     if self._info is not None and current is not None and current.token == self._info.token:
-      os.remove(self.path)
+      self._file.remove()
     self._info = None
     if self._created_workdir:
       self._created_workdir = False
