@@ -64,11 +64,22 @@ def contiguous_slot(length: int) -> Placement:
   return Placement(length, 1, max(length, 1), length)
 
 
-def first_offsets(position: np.ndarray, placement: Placement) -> np.ndarray:
-  """int64 [...]: the smallest allowed start >= each position."""
+def first_offset(position: int, placement: Placement) -> int:
+  """The smallest allowed start >= position."""
   offset = -(-position // placement.alignment) * placement.alignment
-  fits = offset % placement.window + placement.length <= 2 * placement.window
-  return np.where(fits, offset, -(-offset // placement.window) * placement.window)
+  if offset % placement.window + placement.length <= 2 * placement.window:
+    return offset
+  return -(-offset // placement.window) * placement.window
+
+
+def _first_fit(starts: np.ndarray, limits: np.ndarray | int,
+               placement: Placement) -> tuple[int, int] | None:
+  """(row, offset) of the first row whose free interval [starts, limits) takes the piece."""
+  for row in np.flatnonzero(limits - starts >= placement.span):
+    offset = first_offset(int(starts[row]), placement)
+    if offset + placement.span <= (limits if np.isscalar(limits) else limits[row]):
+      return int(row), offset
+  return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,26 +132,25 @@ def pack(lengths: np.ndarray, num_rows: int, seq_len: int, slot: Slot) -> tuple[
   ends = np.zeros(num_rows, np.int64)       # first free column after each row's last piece
   gap_start = np.zeros(num_rows, np.int64)  # one free interval per row left by an alignment
   gap_end = np.zeros(num_rows, np.int64)
+  placements: dict[int, Placement] = {}
   rows, offsets = [], []
   for length in lengths:
-    placement = slot(int(length))
-    span = placement.span
-    start = first_offsets(gap_start, placement)
-    in_gap = np.flatnonzero(start + span <= gap_end)
-    if in_gap.size:
-      row = int(in_gap[0])
-      offset = int(start[row])
-      gap_start[row] = offset + span
+    length = int(length)
+    if length not in placements:
+      placements[length] = slot(length)
+    placement = placements[length]
+    found = _first_fit(gap_start, gap_end, placement)
+    if found is not None:
+      row, offset = found
+      gap_start[row] = offset + placement.span
     else:
-      start = first_offsets(ends, placement)
-      at_end = np.flatnonzero(start + span <= seq_len)
-      if not at_end.size:
+      found = _first_fit(ends, seq_len, placement)
+      if found is None:
         break
-      row = int(at_end[0])
-      offset = int(start[row])
+      row, offset = found
       if offset - ends[row] > gap_end[row] - gap_start[row]:
         gap_start[row], gap_end[row] = ends[row], offset
-      ends[row] = offset + span
+      ends[row] = offset + placement.span
     rows.append(row)
     offsets.append(offset)
   placed = len(rows)
