@@ -43,7 +43,8 @@ CONFIG_TEXT = "ModelConfig.d_model = 512\n" * 40
 def training_state(config: ModelConfig) -> dict:
   """{"params", "opt_state", "train"} of a freshly initialised model (float32 arrays)."""
   model = DecoderLM(config)
-  tx = optim.make_optimizer(optim.make_schedule(learning_rate=1e-3, warmup_steps=10))
+  tx = optim.make_optimizer(1, schedule=optim.make_schedule(learning_rate=1e-3,
+                                                            warmup_steps=10)).tx
 
   @jax.jit
   def init(rng):
