@@ -29,7 +29,6 @@ import os
 import pathlib
 import statistics
 import sys
-import time
 import types
 from collections.abc import Callable
 
@@ -97,12 +96,6 @@ def _compile(fn, args):
   return compiled, peak / 2**20
 
 
-def _ms(compiled, args) -> float:
-  start = time.perf_counter()
-  jax.block_until_ready(compiled(*args))
-  return 1e3 * (time.perf_counter() - start)
-
-
 def _max_abs_diff(a, b) -> float:
   return max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree_util.tree_leaves(a),
                                                           jax.tree_util.tree_leaves(b)))
@@ -120,12 +113,9 @@ def measure_pair(ours, theirs, args, rounds: int) -> Pair:
   if diff > AGREEMENT:
     raise SystemExit(f"official and ours differ by {diff:.2e} > {AGREEMENT:g} at input shape "
                      f"{args[0].shape}: not the same attention")
-  times = {"ours": [], "theirs": []}
-  calls = [("ours", ours_c), ("theirs", theirs_c)]
-  for index in range(rounds):
-    for name, compiled in calls if index % 2 else calls[::-1]:
-      times[name].append(_ms(compiled, args))
-  return Pair(times["ours"], times["theirs"], ours_mib, theirs_mib, diff)
+  ours_ms, theirs_ms = common.interleaved_ms(
+      [lambda: ours_c(*args), lambda: theirs_c(*args)], rounds)
+  return Pair(ours_ms, theirs_ms, ours_mib, theirs_mib, diff)
 
 
 def side_by_side(official, ours, make_inputs, passes, lengths, rounds: int) -> dict:

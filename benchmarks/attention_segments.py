@@ -14,7 +14,6 @@ import functools
 import itertools
 import os
 import statistics
-import time
 
 import jax
 import numpy as np
@@ -59,18 +58,13 @@ def segment_ids(layout: str, length: int) -> np.ndarray:
   return np.stack([_first_fit(LAYOUTS[layout][1](rng, length), length) for _ in range(BATCH)])
 
 
-def interleaved_ms(fns, args, rounds: int) -> list[float]:
+def interleaved_medians(fns, args, rounds: int) -> list[float]:
   """Median wall ms of each compiled fn, their calls interleaved (after one warm-up each)."""
   compiled = [jax.jit(fn).lower(*args).compile() for fn in fns]
   for call in compiled:
     jax.block_until_ready(call(*args))
-  times = [[] for _ in fns]
-  for _ in range(rounds):
-    for call, record in zip(compiled, times):
-      start = time.perf_counter()
-      jax.block_until_ready(call(*args))
-      record.append(time.perf_counter() - start)
-  return [1e3 * statistics.median(t) for t in times]
+  times = common.interleaved_ms([functools.partial(call, *args) for call in compiled], rounds)
+  return [statistics.median(t) for t in times]
 
 
 def measure(lengths, rounds: int) -> list[list]:
@@ -84,7 +78,7 @@ def measure(lengths, rounds: int) -> list[list]:
     plain = functools.partial(hierarchical_attention, block_size=BLOCK, query_mode=query_mode)
     packed = functools.partial(plain, segment_ids=ids)
     for name in ("fwd", "fwd+bwd"):
-      without, with_segments = interleaved_ms(
+      without, with_segments = interleaved_medians(
           [common.forward_and_backward(f)[name] for f in (plain, packed)], args, rounds)
       rows.append([length, query_mode, layout, f"{ids.max(1).mean():.0f}",
                    f"{(ids > 0).mean():.0%}", name, f"{without:.1f}", f"{with_segments:.1f}",

@@ -26,6 +26,20 @@ def time_call(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) ->
   return statistics.median(times)
 
 
+def interleaved_ms(calls: Sequence[Callable[[], object]], rounds: int) -> list[list[float]]:
+  """Wall ms of every call in every round, [len(calls)][rounds]: each round calls each once
+  (blocking on its result), the order reversed every other round, so that all of them see the
+  same machine load and the ratio within a round means something when absolute times drift."""
+  times: list[list[float]] = [[] for _ in calls]
+  order = list(enumerate(calls))
+  for index in range(rounds):
+    for position, call in order if index % 2 else order[::-1]:
+      start = time.perf_counter()
+      jax.block_until_ready(call())
+      times[position].append(1e3 * (time.perf_counter() - start))
+  return times
+
+
 def forward_and_backward(attention: Callable) -> dict[str, Callable]:
   """{"fwd": attention(q, k, v), "fwd+bwd": gradients of sum(attention) w.r.t. q, k, v}."""
   loss = lambda q, k, v: attention(q, k, v).sum()

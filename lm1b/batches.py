@@ -38,6 +38,7 @@ from typing import Callable, Iterator, NamedTuple
 import jax
 import numpy as np
 
+from hattention import PackingSlot
 from lm1b.token_cache import TokenizedSplit
 from lm1b.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -45,38 +46,19 @@ MODES = ("sentence", "packed", "stream")
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
 
 
-class Placement(NamedTuple):
-  """Where a piece of `length` positions may start in a row: at offsets o with
-  o % alignment == 0 and o % window + length <= 2 * window; and no other piece may have a
-  position in its footprint [o, o + span) (span >= length). hattention.PackingSlot has the
-  same fields."""
-  length: int
-  alignment: int
-  window: int
-  span: int
+Slot = Callable[[int], PackingSlot]  # a piece's length -> where it may sit in a row
 
 
-Slot = Callable[[int], Placement]  # a piece's length -> its Placement
-
-
-def contiguous_slot(length: int) -> Placement:
+def contiguous_slot(length: int) -> PackingSlot:
   """Anywhere, taking only its own positions (full attention isolates segments exactly)."""
-  return Placement(length, 1, max(length, 1), length)
-
-
-def first_offset(position: int, placement: Placement) -> int:
-  """The smallest allowed start >= position."""
-  offset = -(-position // placement.alignment) * placement.alignment
-  if offset % placement.window + placement.length <= 2 * placement.window:
-    return offset
-  return -(-offset // placement.window) * placement.window
+  return PackingSlot(length, 1, max(length, 1), length)
 
 
 def _first_fit(starts: np.ndarray, limits: np.ndarray | int,
-               placement: Placement) -> tuple[int, int] | None:
+               placement: PackingSlot) -> tuple[int, int] | None:
   """(row, offset) of the first row whose free interval [starts, limits) takes the piece."""
   for row in np.flatnonzero(limits - starts >= placement.span):
-    offset = first_offset(int(starts[row]), placement)
+    offset = placement.first_offset(int(starts[row]))
     if offset + placement.span <= (limits if np.isscalar(limits) else limits[row]):
       return int(row), offset
   return None
@@ -132,7 +114,7 @@ def pack(lengths: np.ndarray, num_rows: int, seq_len: int, slot: Slot) -> tuple[
   ends = np.zeros(num_rows, np.int64)       # first free column after each row's last piece
   gap_start = np.zeros(num_rows, np.int64)  # one free interval per row left by an alignment
   gap_end = np.zeros(num_rows, np.int64)
-  placements: dict[int, Placement] = {}
+  placements: dict[int, PackingSlot] = {}
   rows, offsets = [], []
   for length in lengths:
     length = int(length)

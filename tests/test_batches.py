@@ -6,6 +6,8 @@ import jax
 import numpy as np
 import pytest
 
+from hattention import PackingSlot
+
 from lm1b import batches
 from lm1b.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from tests.fake_source import split_from_ids, unique_token_split
@@ -123,7 +125,7 @@ def test_packed_rows_are_first_fit(split):
 
 def aligned_slot(length):
   """A test slot: starts at multiples of 4, reserves the length rounded up to even."""
-  return batches.Placement(length, 4, 32, length + length % 2)
+  return PackingSlot(length, 4, 32, length + length % 2)
 
 
 def test_pack_respects_alignment_and_reserved_spans():
@@ -146,13 +148,13 @@ def test_pack_respects_alignment_and_reserved_spans():
 
 
 def test_pack_keeps_pieces_within_two_windows():
-  slot = lambda n: batches.Placement(n, 4, 8, n)  # o % 8 + n <= 16
+  slot = lambda n: PackingSlot(n, 4, 8, n)  # o % 8 + n <= 16
   layout, placed = batches.pack(np.array([2, 13]), num_rows=1, seq_len=32, slot=slot)
   assert placed == 2 and layout.offset.tolist() == [0, 8]  # 4 % 8 + 13 > 16: next window
 
 
 def test_pack_fills_alignment_gaps_with_small_pieces():
-  slot = lambda n: batches.Placement(n, 8 if n > 3 else 1, 16, n)  # short ones anywhere
+  slot = lambda n: PackingSlot(n, 8 if n > 3 else 1, 16, n)  # short ones anywhere
   layout, placed = batches.pack(np.array([5, 5, 2]), num_rows=1, seq_len=16, slot=slot)
   assert placed == 3
   assert layout.offset.tolist() == [0, 8, 5]  # the short piece sits in the gap 5..8
