@@ -15,7 +15,7 @@ against training time) plotted to benchmarks/results/long_context.png. Runs go o
 other on all the machine's cores; each run trains until it has passed both budgets.
 
   python -m benchmarks.long_context [--configs full_256 sample_4096 ...] [--seeds 0 1]
-      [--tokens 1228800] [--seconds S] [--curve_points 8]
+      [--tokens 1228800] [--seconds S] [--curve_points 8] [--gin_param BINDING ...]
 """
 
 import argparse
@@ -43,8 +43,11 @@ CONFIGS = ("full_64", "full_256", "full_1024", "sample_1024", "sample_4096", "fi
 CURVE_SENTENCES = 400  # the test sentences scored for the learning curves
 
 
+GIN_PARAMS: list[str] = []  # --gin_param bindings applied to every configuration
+
+
 def parse(name: str) -> tuple[model.ModelConfig, input_pipeline.InputConfig]:
-  cli.parse_gin([cli.resolve_gin_file(f"gin/long_context/{name}.gin")], [])
+  cli.parse_gin([cli.resolve_gin_file(f"gin/long_context/{name}.gin")], GIN_PARAMS)
   return model.ModelConfig(), input_pipeline.InputConfig()
 
 
@@ -184,8 +187,11 @@ def main() -> None:
   parser.add_argument("--tokens", type=int, default=300 * 4096)
   parser.add_argument("--seconds", type=float, default=None)
   parser.add_argument("--curve_points", type=int, default=8)
+  parser.add_argument("--gin_param", action="append", default=[],
+                      help="gin binding applied to every configuration (repeatable)")
   parser.add_argument("--out", default=os.path.join(common.RESULTS_DIR, "long_context.md"))
   args = parser.parse_args()
+  GIN_PARAMS.extend(args.gin_param)
   data = prepare()
   seconds = args.seconds
   if seconds is None:
@@ -197,9 +203,10 @@ def main() -> None:
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out.replace(".md", ".json"), "w", encoding="utf-8") as f:
     json.dump([dataclasses.asdict(r) for r in results], f, indent=1)
+  bindings = f" Gin bindings for every run: {', '.join(args.gin_param)}." if args.gin_param else ""
   sections = [f"Test split: {data.descriptions['test']}, scored in stream windows of each "
               f"model's length. Seeds {args.seeds}; mean (min-max). Budgets: {args.tokens:,} "
-              f"training tokens; {seconds:.0f} s of training steps.", ""]
+              f"training tokens; {seconds:.0f} s of training steps.{bindings}", ""]
   common.write_report(args.out, "Long context at equal compute",
                       sections + report(results, args.tokens, seconds, args.out))
 

@@ -1,7 +1,10 @@
 """Decoder-only Transformer language model with hierarchical or full attention.
 
-Pre-LayerNorm blocks: x + Attention(LN(x)), x + MLP(LN(x)); learned token and
-position embeddings; final LayerNorm; untied output projection by default.
+Pre-LayerNorm blocks: x + Attention(LN(x)), x + MLP(LN(x)); learned token
+embeddings; positions either as a learned table added to the token embeddings
+(`position_encoding="learned"`) or as rotations of queries and keys in every
+layer (`"rotary"`, `lm1b.rotary`: logits depend on relative positions only);
+final LayerNorm; untied output projection by default.
 Parameters are float32 and carry logical axis names ('vocab', 'embed', 'mlp',
 'heads', 'kv', 'length') for `lm1b.partitioning`; activations are computed in
 `ModelConfig.dtype` and logits are returned in float32.
@@ -29,9 +32,11 @@ import jax.numpy as jnp
 
 from hattention import (QUERY_MODES, decode_step, hierarchical_attention, init_cache,
                         kv_cache_step)
+from lm1b import rotary
 from lm1b.errors import ConfigError
 
 ATTENTION_KINDS = ("hierarchical", "full")
+POSITION_ENCODINGS = ("learned", "rotary")
 ACTIVATION_AXES = ("batch", "length", "embed")
 HEAD_AXES = ("batch", "length", "heads", "kv")
 
@@ -43,6 +48,8 @@ class ModelConfig:
 
   dtype is the compute dtype name ("bfloat16" or "float32"); parameters are
   always float32. num_levels=None uses every level of the hierarchy.
+  position_encoding is one of POSITION_ENCODINGS ("rotary" needs an even
+  head_dim and has no position table).
   """
 
   vocab_size: int = 8000
@@ -58,6 +65,7 @@ class ModelConfig:
   num_levels: int | None = None
   dtype: str = "bfloat16"
   tie_embeddings: bool = False
+  position_encoding: str = "learned"
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "num_heads", "d_model", "d_ff",
@@ -74,6 +82,12 @@ class ModelConfig:
     if self.query_mode not in QUERY_MODES:
       raise ConfigError(f"ModelConfig.query_mode={self.query_mode!r} must be "
                        f"one of {QUERY_MODES}")
+    if self.position_encoding not in POSITION_ENCODINGS:
+      raise ConfigError(f"ModelConfig.position_encoding={self.position_encoding!r} must be "
+                        f"one of {POSITION_ENCODINGS}")
+    if self.position_encoding == "rotary" and self.head_dim % 2:
+      raise ConfigError(f"ModelConfig.position_encoding='rotary' needs an even head_dim, got "
+                        f"d_model / num_heads = {self.head_dim}")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ConfigError(f"ModelConfig.dropout_rate={self.dropout_rate!r} must "
                        "be in [0, 1)")
@@ -229,10 +243,16 @@ class SelfAttention(nn.Module):
     return out
 
   @nn.compact
-  def __call__(self, x, segment_ids=None):
-    """x: [batch, length, d_model] -> [batch, length, d_model] (compute dtype)."""
+  def __call__(self, x, positions, segment_ids=None):
+    """x: [batch, length, d_model] -> [batch, length, d_model] (compute dtype).
+
+    positions [batch, length] int32 rotate queries and keys when the config's
+    position_encoding is "rotary" (unused otherwise).
+    """
     cfg = self.config
     query, key, value = (self._project(x, n) for n in ("query", "key", "value"))
+    if cfg.position_encoding == "rotary":
+      query, key = rotary.rotate(query, positions), rotary.rotate(key, positions)
     if not self.decode:
       out = attention_core(query, key, value, cfg, segment_ids)
     elif x.shape[1] != 1:
@@ -270,11 +290,11 @@ class DecoderBlock(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x, segment_ids, deterministic: bool):
+  def __call__(self, x, positions, segment_ids, deterministic: bool):
     cfg = self.config
     dropout = nn.Dropout(cfg.dropout_rate)
     h = _layer_norm(cfg, "ln_attention")(x)
-    h = SelfAttention(cfg, self.decode, name="attention")(h, segment_ids)
+    h = SelfAttention(cfg, self.decode, name="attention")(h, positions, segment_ids)
     x = x + dropout(h, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     h = _layer_norm(cfg, "ln_mlp")(x)
@@ -318,14 +338,15 @@ class DecoderLM(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
     embed = Embedding(cfg.vocab_size, cfg.d_model, ("vocab", "embed"),
                       cfg.compute_dtype, name="token_embed")
-    position_embed = Embedding(cfg.max_len, cfg.d_model, ("length", "embed"),
-                               cfg.compute_dtype, name="position_embed")
-    x = embed(inputs) + position_embed(positions)
+    x = embed(inputs)
+    if cfg.position_encoding == "learned":
+      x = x + Embedding(cfg.max_len, cfg.d_model, ("length", "embed"), cfg.compute_dtype,
+                        name="position_embed")(positions)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     for layer in range(cfg.num_layers):
       x = DecoderBlock(cfg, self.decode, name=f"block_{layer}")(
-          x, segment_ids, deterministic)
+          x, positions, segment_ids, deterministic)
     x = _layer_norm(cfg, "ln_final")(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x)

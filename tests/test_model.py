@@ -36,6 +36,14 @@ def params():
   return nn.unbox(init(jax.random.PRNGKey(0), tokens))["params"]
 
 
+@pytest.fixture(scope="module")
+def rotary_params():
+  """Parameters of the rotary models (no position table)."""
+  tokens = jnp.zeros((1, 4), jnp.int32)
+  init = jax.jit(DecoderLM(_config("full", position_encoding="rotary")).init)
+  return nn.unbox(init(jax.random.PRNGKey(0), tokens))["params"]
+
+
 def _tokens(batch: int, length: int, seed: int = 1) -> jnp.ndarray:
   return jax.random.randint(jax.random.PRNGKey(seed), (batch, length), 3, 64)
 
@@ -179,6 +187,32 @@ def test_decode_steps_match_full_forward(params, kind):
                              atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["hierarchical-sample", "full"])
+def test_rotary_decode_steps_match_full_forward(rotary_params, kind):
+  config = _config(kind, position_encoding="rotary")
+  tokens = _tokens(2, 21)
+  np.testing.assert_allclose(_decode_all(config, rotary_params, tokens),
+                             _logits(config, rotary_params, tokens),
+                             atol=1e-4, rtol=1e-4)
+
+
+def test_rotary_has_no_position_table_and_sees_relative_positions_only(params, rotary_params):
+  """Shifting every position leaves full attention's logits unchanged with rotary positions
+  (and changes them with the learned table); the rotary tree is the learned one without it."""
+  assert "position_embed" not in rotary_params
+  assert count_params(dataclasses.replace(TINY, position_encoding="rotary")) == (
+      count_params(TINY) - TINY.max_len * TINY.d_model)
+  tokens = _tokens(2, 13)
+  base, shifted = jnp.arange(13)[None], jnp.arange(13)[None] + 17
+  config = _config("full", position_encoding="rotary")
+  np.testing.assert_allclose(_logits(config, rotary_params, tokens, positions=base),
+                             _logits(config, rotary_params, tokens, positions=shifted),
+                             atol=1e-4)
+  learned = _config("full")
+  assert not np.allclose(_logits(learned, params, tokens, positions=base),
+                         _logits(learned, params, tokens, positions=shifted), atol=1e-3)
+
+
 def test_decode_requires_positions_and_single_token(params):
   model = DecoderLM(_config("full"), decode=True)
   with pytest.raises(ValueError, match="positions are required"):
@@ -239,6 +273,8 @@ def test_parameters_carry_logical_axis_names():
     ("query_mode", dict(query_mode="coarse")),
     ("vocab_size", dict(vocab_size=0)),
     ("dtype", dict(dtype="float33")),
+    ("position_encoding", dict(position_encoding="alibi")),
+    ("head_dim", dict(position_encoding="rotary", d_model=30, num_heads=2)),
 ])
 def test_config_validation_names_field(field, overrides):
   with pytest.raises(ValueError, match=field):
