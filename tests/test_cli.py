@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing import event_accumulator
 
 from orbax.checkpoint._src.path import atomicity
 
+from benchmarks import long_context
 from lm1b import checkpoints, cli, input_pipeline, model, workdir_lock
 from test_train import REPO, gin_flags, micro, micro_params, subprocess_env  # noqa: F401
 
@@ -210,6 +211,16 @@ def test_long_context_configs_are_stream_rows_of_4096_tokens(name):
   assert inputs.global_batch * inputs.seq_len == max(4096, inputs.seq_len)
   assert config.attention == ("full" if name.startswith("full") else "hierarchical")
   assert config.num_levels == (1 if name.startswith("block_local") else None)
+  assert config.position_encoding == "rotary"
+
+
+def test_long_context_benchmark_applies_gin_params_to_every_config(monkeypatch):
+  monkeypatch.setattr(long_context, "GIN_PARAMS", ['ModelConfig.position_encoding = "learned"'])
+  for name in ("full_64", "sample_4096"):
+    config, inputs = long_context.parse(name)
+    assert config.position_encoding == "learned" and inputs.seq_len == int(name.split("_")[-1])
+  monkeypatch.setattr(long_context, "GIN_PARAMS", [])
+  assert long_context.parse("full_64")[0].position_encoding == "rotary"
 
 
 def test_stream_rows_train_at_16k_and_evaluate_with_overlapping_windows(micro, tmp_path):

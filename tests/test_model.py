@@ -138,11 +138,14 @@ def _packed_row(sentences, block_size, row):
   return tuple(jnp.asarray(x)[None] for x in (tokens, positions, segment_ids)), offsets
 
 
-@pytest.mark.parametrize("kind", ["hierarchical-sample", "hierarchical-fine"])
-def test_packed_hierarchical_sentence_gets_its_logits_alone(params, kind):
+@pytest.mark.parametrize("kind,positions", [("hierarchical-sample", "learned"),
+                                             ("hierarchical-fine", "learned"),
+                                             ("hierarchical-sample", "rotary")])
+def test_packed_hierarchical_sentence_gets_its_logits_alone(request, kind, positions):
   """Sentences of 9, 3, 6 and 11 tokens at offsets 0, 10, 13, 20 of a 32-position row (block
   4): each gets the logits it gets alone, and changing one leaves the others' unchanged."""
-  config = _config(kind)
+  config = _config(kind, position_encoding=positions)
+  params = request.getfixturevalue("params" if positions == "learned" else "rotary_params")
   sentences = [_tokens(1, n, seed=n) for n in (9, 3, 6, 11)]
   (tokens, positions, segment_ids), offsets = _packed_row(sentences, TINY.block_size, 32)
   assert offsets == [0, 10, 13, 20]
@@ -187,7 +190,7 @@ def test_decode_steps_match_full_forward(params, kind):
                              atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["hierarchical-sample", "full"])
+@pytest.mark.parametrize("kind", sorted(KINDS))
 def test_rotary_decode_steps_match_full_forward(rotary_params, kind):
   config = _config(kind, position_encoding="rotary")
   tokens = _tokens(2, 21)
@@ -198,7 +201,8 @@ def test_rotary_decode_steps_match_full_forward(rotary_params, kind):
 
 def test_rotary_has_no_position_table_and_sees_relative_positions_only(params, rotary_params):
   """Shifting every position leaves full attention's logits unchanged with rotary positions
-  (and changes them with the learned table); the rotary tree is the learned one without it."""
+  (and changes them with the learned table), spreading them apart changes them; the rotary
+  tree is the learned one without the table."""
   assert "position_embed" not in rotary_params
   assert count_params(dataclasses.replace(TINY, position_encoding="rotary")) == (
       count_params(TINY) - TINY.max_len * TINY.d_model)
@@ -208,6 +212,9 @@ def test_rotary_has_no_position_table_and_sees_relative_positions_only(params, r
   np.testing.assert_allclose(_logits(config, rotary_params, tokens, positions=base),
                              _logits(config, rotary_params, tokens, positions=shifted),
                              atol=1e-4)
+  spread = _logits(config, rotary_params, tokens, positions=3 * base)
+  assert not np.allclose(_logits(config, rotary_params, tokens, positions=base)[:, 1:],
+                         spread[:, 1:], atol=1e-3)
   learned = _config("full")
   assert not np.allclose(_logits(learned, params, tokens, positions=base),
                          _logits(learned, params, tokens, positions=shifted), atol=1e-3)
