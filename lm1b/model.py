@@ -243,16 +243,16 @@ class SelfAttention(nn.Module):
     return out
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids=None):
+  def __call__(self, x, rotation=None, segment_ids=None):
     """x: [batch, length, d_model] -> [batch, length, d_model] (compute dtype).
 
-    positions [batch, length] int32 rotate queries and keys when the config's
-    position_encoding is "rotary" (unused otherwise).
+    rotation: `rotary.rotation` of the positions, applied to queries and keys
+    ("rotary" positions), or None.
     """
     cfg = self.config
     query, key, value = (self._project(x, n) for n in ("query", "key", "value"))
-    if cfg.position_encoding == "rotary":
-      query, key = rotary.rotate(query, positions), rotary.rotate(key, positions)
+    if rotation is not None:
+      query, key = rotary.apply(query, rotation), rotary.apply(key, rotation)
     if not self.decode:
       out = attention_core(query, key, value, cfg, segment_ids)
     elif x.shape[1] != 1:
@@ -290,11 +290,11 @@ class DecoderBlock(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, deterministic: bool):
+  def __call__(self, x, rotation, segment_ids, deterministic: bool):
     cfg = self.config
     dropout = nn.Dropout(cfg.dropout_rate)
     h = _layer_norm(cfg, "ln_attention")(x)
-    h = SelfAttention(cfg, self.decode, name="attention")(h, positions, segment_ids)
+    h = SelfAttention(cfg, self.decode, name="attention")(h, rotation, segment_ids)
     x = x + dropout(h, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     h = _layer_norm(cfg, "ln_mlp")(x)
@@ -338,15 +338,17 @@ class DecoderLM(nn.Module):
       positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
     embed = Embedding(cfg.vocab_size, cfg.d_model, ("vocab", "embed"),
                       cfg.compute_dtype, name="token_embed")
-    x = embed(inputs)
+    x, rotation = embed(inputs), None
     if cfg.position_encoding == "learned":
       x = x + Embedding(cfg.max_len, cfg.d_model, ("length", "embed"), cfg.compute_dtype,
                         name="position_embed")(positions)
+    else:
+      rotation = rotary.rotation(positions, cfg.head_dim)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     for layer in range(cfg.num_layers):
       x = DecoderBlock(cfg, self.decode, name=f"block_{layer}")(
-          x, positions, segment_ids, deterministic)
+          x, rotation, segment_ids, deterministic)
     x = _layer_norm(cfg, "ln_final")(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x)
