@@ -10,10 +10,11 @@ consecutive steps), `decode_step` against a full-attention KV-cache step.
 Peak memory is the compiled executable's memory analysis: temp + argument + output bytes
 (XLA's static buffer assignment, not a measured resident size).
 
-  python -m benchmarks.attention [--quick] [--only decode|segments] [--flaxformer PATH]
+  python -m benchmarks.attention [--quick] [--only decode|segments|bias] [--flaxformer PATH]
 
-The cost of `segment_ids` (packed rows) is measured by `benchmarks.attention_segments`, into
-its own results file; `--only segments` runs it alone. --flaxformer PATH (a local
+The cost of `segment_ids` (packed rows) is measured by `benchmarks.attention_segments`, that of
+the relative position bias by `benchmarks.attention_bias`, each into its own results file;
+`--only segments` / `--only bias` runs one alone. --flaxformer PATH (a local
 google/flaxformer checkout) runs only the side-by-side comparison with the official
 implementation (benchmarks/attention_peer.py) and writes its own results file.
 """
@@ -31,7 +32,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-from benchmarks import attention_peer, attention_segments, common  # noqa: E402
+from benchmarks import attention_bias, attention_peer, attention_segments, common  # noqa: E402
 from hattention import (decode_step, hierarchical_attention, init_cache,  # noqa: E402
                         kv_cache_step)
 
@@ -302,9 +303,10 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true",
                       help="lengths 1k and 4k only, fewer repeats (smoke test)")
-  parser.add_argument("--only", choices=["decode", "segments"],
+  parser.add_argument("--only", choices=["decode", "segments", "bias"],
                       help="run only this part: decode prints its table (no results file), "
-                      "segments writes results/attention_segments.md")
+                      "segments writes results/attention_segments.md, bias "
+                      "results/attention_bias.md")
   parser.add_argument("--flaxformer", metavar="PATH",
                       help="a google/flaxformer checkout: time its hierarchical attention side "
                       "by side with ours (only that; see benchmarks/attention_peer.py)")
@@ -326,6 +328,9 @@ def main() -> None:
   if args.only == "segments":
     attention_segments.run()
     return
+  if args.only == "bias":
+    attention_bias.run()
+    return
   results = measure_attention(lengths, repeats)
   decoding = measure_decoding(positions, repeats=decode_repeats)
   note = (f"Batch {BATCH}, {HEADS} head, head_dim {HEAD_DIM}, block {BLOCK}, float32, causal. "
@@ -345,6 +350,7 @@ def main() -> None:
                       "Hierarchical attention: speed and memory", sections)
   if not args.quick:
     attention_segments.run()
+    attention_bias.run()
 
 if __name__ == "__main__":
   main()

@@ -70,10 +70,12 @@ class Result:
 
 
 class Run:
-  """A configuration's model, state, train step, stream batches and evaluator."""
+  """A configuration's model, state, train step, batches (rows as `inputs.mode` says) and
+  evaluator."""
 
-  def __init__(self, name: str, seed: int, data: input_pipeline.PreparedData):
-    config, self.inputs = parse(name)
+  def __init__(self, configs: tuple[model.ModelConfig, input_pipeline.InputConfig], seed: int,
+               data: input_pipeline.PreparedData):
+    config, self.inputs = configs
     config = experiment.resolve_model_config(config, data.tokenizer.vocab_size,
                                              self.inputs.seq_len)
     self.mesh = partitioning.make_mesh()
@@ -84,8 +86,10 @@ class Run:
     self.tokens_per_step = self.inputs.global_batch * self.inputs.seq_len
     self.data = data
     sharding = partitioning.batch_sharding(self.mesh)
+    self.slot = experiment.packing_slot_for(config)
     rows = batches.TrainBatches(data.splits["train"], global_batch=self.inputs.global_batch,
-                                seq_len=self.inputs.seq_len, mode="stream", seed=seed)
+                                seq_len=self.inputs.seq_len, mode=self.inputs.mode, seed=seed,
+                                slot=self.slot)
     self.batches = Prefetcher(batches.to_global_arrays(b, sharding) for b in rows)
 
   def train(self, count: int) -> float:
@@ -99,7 +103,7 @@ class Run:
   def evaluate(self, split: TokenizedSplit) -> dict:
     return self.evaluator.run(self.state.params, batches.eval_batches(
         split, global_batch=self.inputs.eval_batch, seq_len=self.inputs.seq_len,
-        mode="stream"))
+        mode=self.inputs.mode, slot=self.slot, overlap=self.inputs.eval_overlap))
 
 
 def prepare() -> input_pipeline.PreparedData:
@@ -111,7 +115,7 @@ def prepare() -> input_pipeline.PreparedData:
 
 def estimate_seconds(name: str, data, tokens: int, steps_timed: int = 10) -> float:
   """Training seconds `name` needs for `tokens`, from a few timed steps after compiling."""
-  run = Run(name, 0, data)
+  run = Run(parse(name), 0, data)
   run.train(2)
   seconds = run.train(steps_timed) / steps_timed
   run.batches.close()
@@ -124,7 +128,7 @@ def train_one(name: str, seed: int, data, tokens: int, seconds: float,
 
   The first step's time (compilation) is not counted; its tokens are.
   """
-  run, result = Run(name, seed, data), Result(name, seed)
+  run, result = Run(parse(name), seed, data), Result(name, seed)
   curve_split = head(data.splits["test"], CURVE_SENTENCES)
   run.train(1)
   step, done_tokens, done_seconds = 1, run.tokens_per_step, 0.0

@@ -56,7 +56,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hattention.geometry import QUERY_MODES, padded_length
+from hattention import relative_position
+from hattention.geometry import QUERY_MODES, level_count, padded_length
 
 _NO_MAX = -1e30  # row max of a row that sees nothing (finite: no inf - inf)
 # Row max given to dropped rows in `_merge`: below any row max, so that their weight
@@ -329,18 +330,21 @@ def _windows(blocks: jnp.ndarray, offsets) -> jnp.ndarray:
   return jnp.concatenate([blocks[:, :, o:o + n] for o in offsets], axis=3)
 
 
-def _attend(q, k, v, allowed, count, scale) -> _Stats:
+def _attend(q, k, v, allowed, count, scale, bias=None) -> _Stats:
   """Softmax pieces of blocks of query rows against one key window each.
 
   q: [batch, heads, blocks, rows, dim]; k, v: [batch, heads, blocks, keys,
   dim]; allowed: bool broadcastable to [batch, heads, blocks, rows, keys];
   count: None (each key is one position) or float32 broadcastable to the same,
   the number of real positions a coarse key stands for (k is then their mean
-  and v the sum of their values).
+  and v the sum of their values); bias: None or float32 [heads|1, rows, keys],
+  added to the scaled logits (the relative position bias).
   Returns _Stats with m, s: [batch, heads, blocks * rows], o: [..., dim].
   """
   logits = jnp.einsum("bhnqd,bhnkd->bhnqk", q, k,
                       preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    logits = logits + bias[None, :, None]
   logits = jnp.where(allowed, logits, -jnp.inf)
   m = jax.lax.stop_gradient(jnp.maximum(logits.max(-1), _NO_MAX))
   p = jnp.exp(logits - m[..., None])
@@ -355,16 +359,22 @@ def _same_segment(row_segment, key_segment):
   return row_segment[..., :, None] == key_segment[..., None, :]
 
 
-def _level0(queries: _Queries, keys: _Keys, cfg: _Config) -> _Stats:
+def _level0(queries: _Queries, keys: _Keys, cfg: _Config, table) -> _Stats:
   """Exact attention of each query block to itself and its neighbour blocks.
 
   queries: [batch, heads, n * b] rows; keys: [batch, heads, (n + e) * b]
   single positions, the rows' keys after the block before them (and before
-  the block after them when bidirectional, e = 2; e = 1 when causal).
+  the block after them when bidirectional, e = 2; e = 1 when causal); table:
+  canonical relative bias table or None.
   Returns _Stats over the rows.
   """
   b = cfg.block_size
   offsets = (0, 1) if cfg.causal else (0, 1, 2)
+  bias = None
+  if table is not None:  # cells counted from the block before the query block
+    index = relative_position.relative_index(b + np.arange(b)[:, None],
+                                         np.arange(len(offsets) * b)[None], b)
+    bias = relative_position.logit_bias(relative_position.level_table(table, 0), index)
   window = lambda x: _windows(_blocks(x, b), offsets)
   if keys.segment is None:
     allowed = window(keys.count > 0)[:, :, :, None, :]  # [batch, 1, n, 1, keys]
@@ -373,17 +383,18 @@ def _level0(queries: _Queries, keys: _Keys, cfg: _Config) -> _Stats:
   if cfg.causal:  # the previous block in full, the own block up to the row
     allowed = allowed & (jnp.arange(2 * b)[None] <= jnp.arange(b)[:, None] + b)
   return _attend(_blocks(queries.query, b), window(keys.key), window(keys.value), allowed,
-                 None, cfg.scale)
+                 None, cfg.scale, bias)
 
 
 def _coarse_level(queries: _Queries, before: _Keys, after: _Keys | None, left_row,
-                  cfg: _Config) -> _Stats:
+                  cfg: _Config, bias=None) -> _Stats:
   """Attention of query blocks to their coarse neighbour blocks at a level >= 1.
 
   queries: [batch, heads, n, rows, ...] query rows by block; before, after:
   the b cells of the coarse block before / after each query block, [batch,
   heads|1, n, b, ...] (after is None when causal); left_row: bool [rows, 1],
-  row in the left half of its block. Of the block before, a left-half row sees
+  row in the left half of its block; bias: None or float32 [heads|1, rows,
+  keys] over the keys before (then after). Of the block before, a left-half row sees
   the left half only (the right half is adjacent one level finer), and
   symmetrically for the block after. Returns _Stats over [batch, heads, n *
   rows] rows.
@@ -398,7 +409,8 @@ def _coarse_level(queries: _Queries, before: _Keys, after: _Keys | None, left_ro
   if keys.segment is not None:  # a cell of another segment counts as empty (a select on
     # the mask instead: "fine" forward 1.35x the time without segments, against 1.12x)
     count = jnp.where(_same_segment(queries.segment, keys.segment), count, 0.0)
-  return _attend(queries.query, keys.key, keys.value, (count > 0) & halves, count, cfg.scale)
+  return _attend(queries.query, keys.key, keys.value, (count > 0) & halves, count, cfg.scale,
+                 bias)
 
 
 def _repeat2(x: jnp.ndarray) -> jnp.ndarray:
@@ -451,12 +463,13 @@ def _takes_coarser(rows, coarser_rows, cfg: _Config):
 # Scheduling: what one chunk of queries computes, and what it gets from outside.
 
 
-def _chunk_output(c, x: _Positions, side: list, cfg: _Config):
+def _chunk_output(c, x: _Positions, side: list, cfg: _Config, table=None):
   """Output rows of one chunk of queries (every level, merged and normalised).
 
   c: chunk index (traced or int); x: the chunk's positions ([batch, heads,
-  chunk, ...]); side: this chunk's `_Side` per level. Returns [batch, heads,
-  chunk, dim] in x.query's dtype.
+  chunk, ...]); side: this chunk's `_Side` per level; table: canonical
+  relative bias table [levels, 4 b - 1, heads|1] or None. Returns [batch,
+  heads, chunk, dim] in x.query's dtype.
   """
   keys, queries = _fine_cells(x, cfg.query_mode)
   local_keys, local_queries = [keys], [queries]  # per level while a cell fits the chunk
@@ -468,11 +481,11 @@ def _chunk_output(c, x: _Positions, side: list, cfg: _Config):
   stats, coarser = None, None  # coarser: the segments of the rows of `stats`
   for level in reversed(range(1, cfg.levels)):
     rows = _level_queries(level, x, local_keys, local_queries, side[level], cfg)
-    level_stats = _chunk_level(c, level, rows, local_keys, side[level], cfg)
+    level_stats = _chunk_level(c, level, rows, local_keys, side[level], cfg, table)
     stats = _merge(level_stats, stats, _takes_coarser(rows.segment, coarser, cfg))
     coarser = rows.segment
   ext = [side[0].before, _position_keys(x)] + ([] if cfg.causal else [side[0].after])
-  level_stats = _level0(_Queries(x.query, x.segment), _concat(ext, axis=2), cfg)
+  level_stats = _level0(_Queries(x.query, x.segment), _concat(ext, axis=2), cfg, table)
   stats = _merge(level_stats, stats, _takes_coarser(x.segment, coarser, cfg))
   out = stats.o / jnp.where(stats.s > 0, stats.s, 1.0)[..., None]
   return out.astype(x.query.dtype)
@@ -491,11 +504,23 @@ def _level_queries(level, x: _Positions, local_keys, local_queries, side: _Side,
   return _mean_queries(local_queries[level], local_keys[level].count, x.query.dtype)
 
 
-def _chunk_level(c, level, rows: _Queries, local_keys, side: _Side, cfg: _Config) -> _Stats:
+def _coarse_bias(table, level: int, row_cell, cfg: _Config):
+  """float32 [heads|1, rows, keys] bias of a level's rows against the keys of `_coarse_level`,
+  or None without a table. row_cell: int [rows], each row's cell in its query block."""
+  if table is None:
+    return None
+  b = cfg.block_size
+  key_cell = np.arange(b) if cfg.causal else np.concatenate([np.arange(b), 2 * b + np.arange(b)])
+  index = relative_position.relative_index(b + row_cell[:, None], key_cell[None], b)
+  return relative_position.logit_bias(relative_position.level_table(table, level), index)
+
+
+def _chunk_level(c, level, rows: _Queries, local_keys, side: _Side, cfg: _Config,
+                 table) -> _Stats:
   """Stats of one chunk's query rows at coarse level `level` >= 1.
 
   rows: from `_level_queries`; local_keys: the chunk's key cells per level;
-  side: this level's `_Side`.
+  side: this level's `_Side`; table: canonical relative bias table or None.
   """
   b, chunk, width = cfg.block_size, cfg.chunk, cfg.block_size * 2**level
   dtype = rows.query.dtype
@@ -511,6 +536,7 @@ def _chunk_level(c, level, rows: _Queries, local_keys, side: _Side, cfg: _Config
     after = None if after is None else jax.tree.map(lambda x: x[:, :, 2:], ext)
     per_block = num_rows // n
     left_row = (jnp.arange(per_block) < per_block // 2)[:, None]
+    row_cell = np.arange(per_block) * b // per_block
   else:  # the chunk lies in one half of one query block
     n = 1
     before, after = (None if keys is None else jax.tree.map(lambda y: y[:, :, None], keys)
@@ -518,8 +544,11 @@ def _chunk_level(c, level, rows: _Queries, local_keys, side: _Side, cfg: _Config
     starts = np.arange(cfg.num_chunks) * chunk
     left = jnp.asarray(starts % width < width // 2)[c]
     left_row = jnp.broadcast_to(left, (num_rows, 1))
+    first_cell = jnp.asarray((starts % width) >> level)[c]
+    row_cell = first_cell + np.arange(num_rows) * max(chunk >> level, 1) // num_rows
   blocked = jax.tree.map(lambda x: _blocks(x, num_rows // n), rows)
-  return _coarse_level(blocked, before, after, left_row, cfg)
+  return _coarse_level(blocked, before, after, left_row, cfg,
+                       _coarse_bias(table, level, row_cell, cfg))
 
 
 def _chunk_edges(cells, width: int, cell: int, cfg: _Config):
@@ -608,44 +637,51 @@ def _split_floats(tree):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _chunked(cfg: _Config, x: _Positions, side):
+def _chunked(cfg: _Config, x: _Positions, side, table):
   """`_chunk_output` of every chunk: [batch, heads, padded, dim] in query's dtype.
 
   Runs chunk by chunk in a loop; the backward pass recomputes each chunk's
   forward (nothing but the inputs is kept), so temporaries stay chunk-sized.
+  table: the canonical relative bias table (every chunk reads all of it) or None.
   """
   def step(c, out):
-    out_c = _chunk_output(c, *_chunk_args(c, x, side, cfg), cfg)
+    out_c = _chunk_output(c, *_chunk_args(c, x, side, cfg), cfg, table)
     return jax.lax.dynamic_update_slice_in_dim(out, out_c, c * cfg.chunk, axis=2)
   return jax.lax.fori_loop(0, cfg.num_chunks, step, jnp.zeros(x.query.shape, x.query.dtype))
 
 
-def _chunked_fwd(cfg, x, side):
-  return _chunked(cfg, x, side), (x, side)
+def _chunked_fwd(cfg, x, side, table):
+  return _chunked(cfg, x, side, table), (x, side, table)
 
 
 def _chunked_bwd(cfg, residuals, d_out):
-  """Per chunk: recompute, pull d_out back, write the chunk's gradients.
+  """Per chunk: recompute, pull d_out back, write the chunk's gradients (the
+  table's gradient is the sum over chunks).
 
   Only float inputs get gradients (segment ids are integers: None).
   """
-  x, side = residuals
+  x, side, table = residuals
   floats, rebuild = _split_floats((x, side))
 
-  def step(c, grads):
+  def step(c, carry):
+    grads, d_table = carry
     args = _chunk_args(c, x, side, cfg)
     args_floats, args_rebuild = _split_floats(args)
     d_out_c = jax.lax.dynamic_slice_in_dim(d_out, c * cfg.chunk, cfg.chunk, axis=2)
-    _, pull = jax.vjp(lambda f: _chunk_output(c, *args_rebuild(f), cfg), args_floats)
-    d_x, d_side = args_rebuild(pull(d_out_c)[0], others=None)
+    _, pull = jax.vjp(lambda f, t: _chunk_output(c, *args_rebuild(f), cfg, t),
+                      args_floats, table)
+    d_floats, d_table_c = pull(d_out_c)
+    d_x, d_side = args_rebuild(d_floats, others=None)
     rows = lambda g, d: jax.lax.dynamic_update_slice_in_dim(g, d, c * cfg.chunk, axis=2)
     put = lambda g, d: jax.lax.dynamic_update_index_in_dim(g, d, c, axis=2)
     grad_x, grad_side = rebuild(grads, others=None)
-    return _split_floats((jax.tree.map(rows, grad_x, d_x),
-                          jax.tree.map(put, grad_side, d_side)))[0]
+    grads = _split_floats((jax.tree.map(rows, grad_x, d_x),
+                           jax.tree.map(put, grad_side, d_side)))[0]
+    return grads, jax.tree.map(jnp.add, d_table, d_table_c)
 
-  grads = jax.lax.fori_loop(0, cfg.num_chunks, step, [jnp.zeros_like(f) for f in floats])
-  return rebuild(grads, others=None)
+  start = ([jnp.zeros_like(f) for f in floats], jax.tree.map(jnp.zeros_like, table))
+  grads, d_table = jax.lax.fori_loop(0, cfg.num_chunks, step, start)
+  return (*rebuild(grads, others=None), d_table)
 
 
 _chunked.defvjp(_chunked_fwd, _chunked_bwd)
@@ -654,7 +690,8 @@ _chunked.defvjp(_chunked_fwd, _chunked_bwd)
 def hierarchical_attention(query, key, value, *, block_size: int = 16,
                            causal: bool = True, query_mode: str = "sample",
                            key_mask=None, segment_ids=None,
-                           num_levels: int | None = None, chunk_size: int = 512):
+                           num_levels: int | None = None, chunk_size: int = 512,
+                           relative_bias=None):
   """Hierarchical (H-Transformer-1D) attention, exact to `reference.py`'s rule.
 
   Args:
@@ -690,6 +727,13 @@ def hierarchical_attention(query, key, value, *, block_size: int = 16,
       block_size is used). Longer sequences run chunk by chunk under a
       recomputing custom VJP so that temporaries stay cache-sized; forward-mode
       differentiation needs a single chunk.
+    relative_bias: optional float table of the hierarchical relative position
+      bias, [4 * block_size - 1, H] (shared by every level, as in the paper's
+      code) or [levels, 4 * block_size - 1, H] (level l reads row
+      min(l, levels - 1)); H = heads or 1. A pair (t, s) seen at level l gets
+      relative_bias[..., (s >> l) - (t >> l) + 2 * block_size - 1, head]
+      added to its scaled logit (`hattention.relative_position`). Differentiable;
+      nothing of size [length, length] is built.
 
   Returns:
     [batch, length, heads, head_dim] in query's dtype. Rows that see no key
@@ -697,15 +741,14 @@ def hierarchical_attention(query, key, value, *, block_size: int = 16,
   """
   _check_args(query, key, value, block_size, query_mode, key_mask, num_levels,
               segment_ids, chunk_size)
+  table = relative_position.canonical_table(relative_bias, block_size, query.shape[2])
   if causal and query_mode == "mean":
     warnings.warn("hierarchical_attention: causal=True with query_mode='mean' "
                   "leaks future queries within a cell (leakage ablation only)",
                   stacklevel=2)
   batch, length, heads, dim = query.shape
   padded = padded_length(length, block_size)
-  levels = int(math.log2(padded // block_size))
-  if num_levels is not None:
-    levels = min(levels, num_levels)
+  levels = level_count(length, block_size, num_levels)
   chunk = min(padded, max(chunk_size, 2 * block_size))
   cfg = _Config(block_size, chunk, padded // chunk, levels, causal, query_mode,
                 1.0 / math.sqrt(dim))
@@ -730,9 +773,9 @@ def hierarchical_attention(query, key, value, *, block_size: int = 16,
                  per_position(real.astype(jnp.float32)), segment)
   side = _side_inputs(x, cfg)
   if cfg.num_chunks == 1:
-    out = _chunk_output(0, x, jax.tree.map(lambda y: y[:, :, 0], side), cfg)
+    out = _chunk_output(0, x, jax.tree.map(lambda y: y[:, :, 0], side), cfg, table)
   else:
-    out = _chunked(cfg, x, side)
+    out = _chunked(cfg, x, side, table)
   out = out[:, :, :length]
   if fold:
     return out.reshape(batch, length, 1, dim)

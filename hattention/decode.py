@@ -44,7 +44,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from hattention.geometry import QUERY_MODES, padded_length
+from hattention import relative_position
+from hattention.geometry import QUERY_MODES, level_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,9 +118,7 @@ def init_cache(batch: int, max_length: int, heads: int, head_dim: int, *,
                       ("heads", heads), ("head_dim", head_dim)):
     _check_positive(name, value)
   _check_config(block_size, query_mode, num_levels)
-  levels = int(math.log2(padded_length(max_length, block_size) // block_size))
-  if num_levels is not None:
-    levels = min(levels, num_levels)
+  levels = level_count(max_length, block_size, num_levels)
   slots = 2 * block_size
   recent = jnp.zeros((batch, heads, slots, head_dim), dtype)
   sums = jnp.zeros((batch, heads, levels - 1, slots, head_dim), jnp.float32)
@@ -176,11 +175,16 @@ def _sample_queries(cache: HierarchicalCache, query, position, levels):
                    cache.queries)
 
 
+def _slot_positions(cache: HierarchicalCache, position) -> jax.Array:
+  """int32 [2b]: the position each level-0 slot holds once `position` is written."""
+  slots = jnp.arange(2 * cache.block_size, dtype=jnp.int32)
+  return position - ((position - slots) & (2 * cache.block_size - 1))
+
+
 def _recent_mask(cache: HierarchicalCache, position) -> jax.Array:
   """bool [2b]: level-0 slots holding positions of blocks t//b - 1 .. t."""
   b = cache.block_size
-  slots = jnp.arange(2 * b, dtype=jnp.int32)
-  stored = position - ((position - slots) & (2 * b - 1))  # position in slot
+  stored = _slot_positions(cache, position)
   first = jnp.maximum((position // b) - 1, 0) * b
   return stored >= first
 
@@ -202,10 +206,26 @@ def _coarse_mask(cache: HierarchicalCache, position, levels) -> jax.Array:
           & ((slots[None, :] % b) < seen[:, None]))
 
 
-def _attend(cache: HierarchicalCache, query, position, levels):
+def _slot_bias(cache: HierarchicalCache, table, position, levels):
+  """float32 ([H, 2b], [H, M - 1, 2b]): the relative bias of the level-0 slots and of the
+  coarse slots (cells of level-l block i - 1) for the query at `position`; table: canonical."""
+  b = cache.block_size
+  slots = jnp.arange(2 * b, dtype=jnp.int32)
+  index = relative_position.relative_index(position, _slot_positions(cache, position), b)
+  fine = relative_position.logit_bias(relative_position.level_table(table, 0), index)
+  block = position >> (int(math.log2(b)) + levels)  # [M - 1] level-l block of the query
+  cell = (block - 1)[:, None] * b + slots[None, :] % b  # [M - 1, 2b] cell in each slot
+  index = relative_position.relative_index((position >> levels)[:, None], cell, b)
+  rows = jnp.minimum(levels, table.shape[0] - 1)[:, None]
+  coarse = jnp.moveaxis(table[rows, index], -1, 0)
+  return fine, coarse
+
+
+def _attend(cache: HierarchicalCache, query, position, levels, table=None):
   """One causal row of hierarchical attention; float32 [B, H, D].
 
-  query: [B, H, D] float32, the query at `position` (written already).
+  query: [B, H, D] float32, the query at `position` (written already); table:
+  canonical relative bias table or None.
   """
   scale = 1.0 / math.sqrt(query.shape[-1])
   inv_width = jnp.exp2(-levels.astype(jnp.float32))  # [M - 1] 1 / 2**l
@@ -219,6 +239,9 @@ def _attend(cache: HierarchicalCache, query, position, levels):
   coarse = jnp.einsum("bhld,bhlsd->bhls", coarse_q, cache.key_sums)
   coarse = (coarse * (scale * inv_width)[:, None]
             + (levels.astype(jnp.float32) * math.log(2.0))[:, None])
+  if table is not None:
+    fine_bias, coarse_bias = _slot_bias(cache, table, position, levels)
+    fine, coarse = fine + fine_bias, coarse + coarse_bias
   batch, heads = query.shape[:2]
   logits = jnp.concatenate([fine, coarse.reshape(batch, heads, -1)], axis=-1)
   mask = jnp.concatenate([_recent_mask(cache, position),
@@ -236,18 +259,21 @@ def _attend(cache: HierarchicalCache, query, position, levels):
   return out + jnp.einsum("bhls,bhlsd->bhd", coarse_probs, cache.value_sums)
 
 
-def decode_step(cache: HierarchicalCache, query, key, value):
+def decode_step(cache: HierarchicalCache, query, key, value, relative_bias=None):
   """Attends the query at `cache.position` to keys 0..position (inclusive).
 
   Args:
     cache: from `init_cache` or a previous `decode_step`.
     query, key, value: [batch, 1, heads, head_dim] for the current position.
+    relative_bias: optional table of `hierarchical_attention`'s relative_bias
+      ([4b - 1, H] or [levels, 4b - 1, H], H = heads or 1), the same numbers.
 
   Returns:
     (out [batch, 1, heads, head_dim] in query's dtype, updated cache). `out`
     is NaN when the position is >= cache.max_length (capacity exceeded).
   """
   _check_step(cache, query, key, value)
+  table = relative_position.canonical_table(relative_bias, cache.block_size, query.shape[2])
   position = cache.position
   levels = _coarse_levels(cache)
   q, k, v = (x[:, 0] for x in (query, key, value))  # [B, H, D]
@@ -258,6 +284,6 @@ def decode_step(cache: HierarchicalCache, query, key, value):
       key_sums=_accumulate(cache.key_sums, k, position, levels),
       value_sums=_accumulate(cache.value_sums, v, position, levels),
       queries=_sample_queries(cache, q, position, levels))
-  out = _attend(cache, q.astype(jnp.float32), position, levels)
+  out = _attend(cache, q.astype(jnp.float32), position, levels, table)
   out = jnp.where(position < cache.max_length, out, jnp.nan)
   return out[:, None].astype(query.dtype), cache

@@ -55,6 +55,12 @@ def padded_length(length: int, block_size: int) -> int:
   return padded
 
 
+def level_count(length: int, block_size: int, num_levels: int | None = None) -> int:
+  """M, the number of levels (0 .. M - 1) of a row of `length` positions, capped at num_levels."""
+  levels = (padded_length(length, block_size) // block_size).bit_length() - 1
+  return levels if num_levels is None else min(levels, num_levels)
+
+
 class PackingSlot(NamedTuple):
   """Where a segment may sit in a packed row (see the module docstring for the proof).
 

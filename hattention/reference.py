@@ -24,6 +24,10 @@ a real key of t's segment and, for l >= 1:
     "mean": every non-padding position of t's level-l cell is; "fine": no
     condition.
 The cell means stay over the real keys (and real queries) of the cell.
+
+Relative bias (``relative_bias``, `hattention.relative_position`): the pair (t, s) at level l
+adds relative_bias[l or the table's last level, (s >> l) - (t >> l) + 2 b - 1, head] to its
+scaled logit.
 """
 
 import math
@@ -31,6 +35,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from hattention import relative_position
 from hattention.geometry import padded_length
 
 
@@ -106,7 +111,7 @@ def _segment_conditions(segment, real, level, query_mode):
 def hierarchical_attention_reference(query, key, value, *, block_size=16,
                                      causal=True, query_mode="sample",
                                      key_mask=None, segment_ids=None,
-                                     num_levels=None):
+                                     num_levels=None, relative_bias=None):
   """Dense reference of hierarchical attention.
 
   Args:
@@ -120,6 +125,8 @@ def hierarchical_attention_reference(query, key, value, *, block_size=16,
     num_levels: if set, pairs whose level is >= num_levels are dropped
       (num_levels=1 is block-local attention over the diagonal and neighbour
       blocks).
+    relative_bias: optional [4 b - 1, H] or [levels, 4 b - 1, H] table (H = heads or 1), the
+      rule of the module docstring.
 
   Returns:
     [batch, length, heads, head_dim] in query's dtype, computed in float32.
@@ -148,11 +155,18 @@ def hierarchical_attention_reference(query, key, value, *, block_size=16,
       same = same & ((levels != level) | _segment_conditions(segment, real, level, query_mode))
     allowed = allowed & same[:, None]
 
+  table = relative_position.canonical_table(relative_bias, block_size, heads)
+  positions = np.arange(padded)
   logits = jnp.zeros((batch, heads, padded, padded), jnp.float32)
   for level in range(int(levels.max()) + 1):
     q_l = _level_query(q, real, level, query_mode)
     k_l = _cell_mean(k, real, 2**level)
     logits_l = jnp.einsum("bthd,bshd->bhts", q_l, k_l) / math.sqrt(dim)
+    if table is not None:
+      index = relative_position.relative_index((positions >> level)[:, None],
+                                               (positions >> level)[None], block_size)
+      logits_l = logits_l + relative_position.logit_bias(
+          relative_position.level_table(table, level), index)
     logits = jnp.where(levels == level, logits_l, logits)
 
   logits = jnp.where(allowed, logits, -jnp.inf)

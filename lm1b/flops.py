@@ -30,7 +30,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from hattention import QUERY_MODES, padded_length
+from hattention import QUERY_MODES, level_count, padded_length
 
 ATTENTIONS = ("full", "hierarchical")
 
@@ -74,9 +74,7 @@ def attention_keys_per_query(*, seq_len: int, attention: str = "hierarchical",
   if query_mode not in QUERY_MODES:
     raise ValueError(f"unknown query_mode {query_mode!r}; expected one of {QUERY_MODES}")
   padded = padded_length(seq_len, block_size)
-  levels = int(math.log2(padded // block_size))
-  if num_levels is not None:
-    levels = min(levels, num_levels)
+  levels = level_count(seq_len, block_size, num_levels)
   keys = (2 if causal else 3) * block_size
   for level in range(1, levels):
     coarse = (1 if causal else 2) * block_size

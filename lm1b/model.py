@@ -1,10 +1,18 @@
 """Decoder-only Transformer language model with hierarchical or full attention.
 
 Pre-LayerNorm blocks: x + Attention(LN(x)), x + MLP(LN(x)); learned token
-embeddings; positions either as a learned table added to the token embeddings
-(`position_encoding="learned"`) or as rotations of queries and keys in every
-layer (`"rotary"`, `lm1b.rotary`: logits depend on relative positions only);
-final LayerNorm; untied output projection by default.
+embeddings; final LayerNorm; untied output projection by default.
+
+Position signals, configured by two independent choices:
+- `position_encoding`: a learned table added to the token embeddings
+  ("learned"), rotations of queries and keys in every layer ("rotary",
+  `lm1b.rotary`: logits depend on relative positions only), or nothing ("none").
+- `relative_bias`: a learned bias added to the attention logits, by relative
+  position: "hierarchical" (the paper's: a table per layer over the relative
+  cell positions of each level, `hattention.relative_position`) or "t5" (full
+  attention: one table of distance buckets shared by every layer,
+  `lm1b.t5_bias`), or "none". The paper's model has the hierarchical bias as
+  its only position signal (gin/lm1b_53m_paper.gin).
 Parameters are float32 and carry logical axis names ('vocab', 'embed', 'mlp',
 'heads', 'kv', 'length') for `lm1b.partitioning`; activations are computed in
 `ModelConfig.dtype` and logits are returned in float32.
@@ -31,12 +39,15 @@ import jax
 import jax.numpy as jnp
 
 from hattention import (QUERY_MODES, decode_step, hierarchical_attention, init_cache,
-                        kv_cache_step)
-from lm1b import rotary
+                        kv_cache_step, level_count)
+from hattention.relative_position import table_size
+from lm1b import rotary, t5_bias
 from lm1b.errors import ConfigError
 
 ATTENTION_KINDS = ("hierarchical", "full")
-POSITION_ENCODINGS = ("learned", "rotary")
+POSITION_ENCODINGS = ("learned", "rotary", "none")
+# Each relative bias and the attention it is for (None: any).
+RELATIVE_BIAS_ATTENTION = {"none": None, "hierarchical": "hierarchical", "t5": "full"}
 ACTIVATION_AXES = ("batch", "length", "embed")
 HEAD_AXES = ("batch", "length", "heads", "kv")
 
@@ -50,6 +61,18 @@ class ModelConfig:
   always float32. num_levels=None uses every level of the hierarchy.
   position_encoding is one of POSITION_ENCODINGS ("rotary" needs an even
   head_dim and has no position table).
+
+  relative_bias is one of RELATIVE_BIAS_ATTENTION: "hierarchical" (hierarchical
+  attention) gives every layer a table [4 * block_size - 1, H], "t5" (full
+  attention) gives the model one table [t5_bias.NUM_BUCKETS, H]; tables are
+  float32, N(0, 0.1) at initialisation. H is num_heads, or 1 with
+  relative_bias_shared_heads (one column for every head).
+  relative_bias_per_level (hierarchical only): a table per level instead,
+  [level_count(max_len, block_size, num_levels), 4 * block_size - 1, H].
+  relative_bias_level_discount (needs per_level): level l's table starts at
+  N(0, 0.1) - l * log(2), so that a full cell of 2**l keys, which the rule
+  weighs by its count of real keys, weighs as one key at initialisation (a
+  candidate fix, not the paper's).
   """
 
   vocab_size: int = 8000
@@ -66,6 +89,10 @@ class ModelConfig:
   dtype: str = "bfloat16"
   tie_embeddings: bool = False
   position_encoding: str = "learned"
+  relative_bias: str = "none"
+  relative_bias_shared_heads: bool = False
+  relative_bias_per_level: bool = False
+  relative_bias_level_discount: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "num_heads", "d_model", "d_ff",
@@ -88,6 +115,7 @@ class ModelConfig:
     if self.position_encoding == "rotary" and self.head_dim % 2:
       raise ConfigError(f"ModelConfig.position_encoding='rotary' needs an even head_dim, got "
                         f"d_model / num_heads = {self.head_dim}")
+    self._check_relative_bias()
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ConfigError(f"ModelConfig.dropout_rate={self.dropout_rate!r} must "
                        "be in [0, 1)")
@@ -96,6 +124,25 @@ class ModelConfig:
     except TypeError as error:
       raise ConfigError(f"ModelConfig.dtype={self.dtype!r} is not a dtype "
                        "name") from error
+
+  def _check_relative_bias(self):
+    bias = self.relative_bias
+    if bias not in RELATIVE_BIAS_ATTENTION:
+      raise ConfigError(f"ModelConfig.relative_bias={bias!r} must be one of "
+                        f"{tuple(RELATIVE_BIAS_ATTENTION)}")
+    needs = RELATIVE_BIAS_ATTENTION[bias]
+    if needs not in (None, self.attention):
+      raise ConfigError(f"ModelConfig.relative_bias={bias!r} needs attention={needs!r}, got "
+                        f"attention={self.attention!r}")
+    if self.relative_bias_shared_heads and bias == "none":
+      raise ConfigError("ModelConfig.relative_bias_shared_heads=True needs a relative_bias, "
+                        "got relative_bias='none'")
+    if self.relative_bias_per_level and bias != "hierarchical":
+      raise ConfigError("ModelConfig.relative_bias_per_level=True needs "
+                        f"relative_bias='hierarchical', got relative_bias={bias!r}")
+    if self.relative_bias_level_discount and not self.relative_bias_per_level:
+      raise ConfigError("ModelConfig.relative_bias_level_discount=True needs "
+                        "relative_bias_per_level=True")
 
   @property
   def head_dim(self) -> int:
@@ -106,7 +153,8 @@ class ModelConfig:
     return jnp.dtype(self.dtype)
 
 
-def attention_core(query, key, value, config: ModelConfig, segment_ids=None):
+def attention_core(query, key, value, config: ModelConfig, segment_ids=None, bias=None,
+                   relative_bias=None):
   """Causal self-attention of the kind `config.attention`.
 
   Args:
@@ -115,6 +163,10 @@ def attention_core(query, key, value, config: ModelConfig, segment_ids=None):
     segment_ids: optional [batch, length] int32, 0 on padding; each segment
       attends only to itself (hierarchical: the segment rule of
       `hierarchical_attention`).
+    bias: full attention: optional float32 logit bias broadcastable to [batch,
+      heads, length, length] (`t5_bias.bias`).
+    relative_bias: hierarchical attention: optional float32 table of
+      `hierarchical_attention`'s relative_bias.
 
   Returns:
     [batch, length, heads, head_dim] in query's dtype.
@@ -123,12 +175,12 @@ def attention_core(query, key, value, config: ModelConfig, segment_ids=None):
     mask = None
     if segment_ids is not None:
       mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-    return jax.nn.dot_product_attention(query, key, value, mask=mask,
+    return jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask,
                                         is_causal=True)
   return hierarchical_attention(
       query, key, value, block_size=config.block_size, causal=True,
       query_mode=config.query_mode, segment_ids=segment_ids,
-      num_levels=config.num_levels)
+      num_levels=config.num_levels, relative_bias=relative_bias)
 
 
 def _zeros_init(names):
@@ -194,6 +246,29 @@ class Embedding(nn.Module):
     return jnp.einsum("...f,nf->...n", x.astype(self.dtype), self._table())
 
 
+def _bias_table(module: nn.Module, config: ModelConfig, shape: tuple, init) -> jnp.ndarray:
+  """`module`'s parameter "relative_bias", float32 [*shape, H] (ModelConfig.relative_bias).
+
+  H is num_heads with logical axis 'heads', or 1 with relative_bias_shared_heads (never
+  sharded); the other axes have no logical name. init(key, shape, dtype) draws it.
+  """
+  shared = config.relative_bias_shared_heads
+  names = (None,) * len(shape) + (None if shared else "heads",)
+  shape = shape + (1 if shared else config.num_heads,)
+  return module.param("relative_bias", nn.with_logical_partitioning(init, names), shape,
+                      jnp.float32)
+
+
+def _hierarchical_bias_init(level_discount: bool):
+  """N(0, 0.1) init of a table [levels, ...], minus l * log(2) at level l if level_discount."""
+  def init(key, shape, dtype=jnp.float32):
+    table = 0.1 * jax.random.normal(key, shape, dtype)
+    if level_discount:
+      table = table - math.log(2) * jnp.arange(shape[0], dtype=dtype)[:, None, None]
+    return table
+  return init
+
+
 def _layer_norm(config: ModelConfig, name: str) -> nn.LayerNorm:
   return nn.LayerNorm(
       dtype=config.compute_dtype, param_dtype=jnp.float32, name=name,
@@ -215,10 +290,23 @@ class SelfAttention(nn.Module):
                    ("embed", "heads", "kv"), cfg.compute_dtype, name=name)(x)
     return nn.with_logical_constraint(y, HEAD_AXES)
 
-  def _decode_full(self, query, key, value):
+  def _hierarchical_bias(self):
+    """This layer's hierarchical relative bias table (see ModelConfig), or None."""
+    cfg = self.config
+    if cfg.relative_bias != "hierarchical":
+      return None
+    shape = (table_size(cfg.block_size),)
+    if cfg.relative_bias_per_level:
+      shape = (level_count(cfg.max_len, cfg.block_size, cfg.num_levels),) + shape
+    init = _hierarchical_bias_init(cfg.relative_bias_level_discount)
+    return _bias_table(self, cfg, shape, init)
+
+  def _decode_full(self, query, key, value, bias):
     """One step against a KV cache; query/key/value [batch, 1, heads, head_dim].
 
-    The cache variables are [batch * heads, max_len, head_dim] (see `kv_cache_step`).
+    bias: None or float32 [batch|1, heads|1, 1, max_len], the logit bias of this
+    position's row. The cache variables are [batch * heads, max_len, head_dim] (see
+    `kv_cache_step`).
     """
     cfg = self.config
     shape = (query.shape[0] * cfg.num_heads, cfg.max_len, cfg.head_dim)
@@ -226,12 +314,13 @@ class SelfAttention(nn.Module):
     values = self.variable("cache", "values", jnp.zeros, shape,
                            cfg.compute_dtype)
     index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    row_bias = None if bias is None else bias[:, :, 0]
     out, keys.value, values.value = kv_cache_step(keys.value, values.value, query,
-                                                  key, value, index.value)
+                                                  key, value, index.value, row_bias)
     index.value = index.value + 1
     return out
 
-  def _decode_hierarchical(self, query, key, value):
+  def _decode_hierarchical(self, query, key, value, relative_bias):
     """One step through the hattention decoding cache."""
     cfg = self.config
     cache = self.variable(
@@ -239,29 +328,32 @@ class SelfAttention(nn.Module):
             query.shape[0], cfg.max_len, cfg.num_heads, cfg.head_dim,
             block_size=cfg.block_size, query_mode=cfg.query_mode,
             dtype=cfg.compute_dtype, num_levels=cfg.num_levels))
-    out, cache.value = decode_step(cache.value, query, key, value)
+    out, cache.value = decode_step(cache.value, query, key, value,
+                                   relative_bias=relative_bias)
     return out
 
   @nn.compact
-  def __call__(self, x, rotation=None, segment_ids=None):
+  def __call__(self, x, rotation=None, bias=None, segment_ids=None):
     """x: [batch, length, d_model] -> [batch, length, d_model] (compute dtype).
 
     rotation: `rotary.rotation` of the positions, applied to queries and keys
-    ("rotary" positions), or None.
+    ("rotary" positions), or None. bias: full attention's float32 logit bias
+    [batch|1, heads|1, length, keys] ("t5", see `DecoderLM`), or None.
     """
     cfg = self.config
     query, key, value = (self._project(x, n) for n in ("query", "key", "value"))
     if rotation is not None:
       query, key = rotary.apply(query, rotation), rotary.apply(key, rotation)
+    relative_bias = self._hierarchical_bias()
     if not self.decode:
-      out = attention_core(query, key, value, cfg, segment_ids)
+      out = attention_core(query, key, value, cfg, segment_ids, bias, relative_bias)
     elif x.shape[1] != 1:
       raise ValueError(f"decode mode takes one position per call, got inputs "
                        f"of length {x.shape[1]}")
     elif cfg.attention == "full":
-      out = self._decode_full(query, key, value)
+      out = self._decode_full(query, key, value, bias)
     else:
-      out = self._decode_hierarchical(query, key, value)
+      out = self._decode_hierarchical(query, key, value, relative_bias)
     return Projection((cfg.num_heads, cfg.head_dim), (cfg.d_model,),
                       ("heads", "kv", "embed"), cfg.compute_dtype,
                       name="out")(out)
@@ -290,11 +382,11 @@ class DecoderBlock(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x, rotation, segment_ids, deterministic: bool):
+  def __call__(self, x, rotation, bias, segment_ids, deterministic: bool):
     cfg = self.config
     dropout = nn.Dropout(cfg.dropout_rate)
     h = _layer_norm(cfg, "ln_attention")(x)
-    h = SelfAttention(cfg, self.decode, name="attention")(h, rotation, segment_ids)
+    h = SelfAttention(cfg, self.decode, name="attention")(h, rotation, bias, segment_ids)
     x = x + dropout(h, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     h = _layer_norm(cfg, "ln_mlp")(x)
@@ -309,7 +401,8 @@ class DecoderLM(nn.Module):
   In decode mode (`decode=True`) each call consumes one position per row,
   inputs [batch, 1] with `positions` [batch, 1], and advances the attention
   caches held in the mutable "cache" collection (all rows share one step
-  counter, so rows must be fed in lock step from position 0).
+  counter, so rows must be fed in lock step from position 0: `positions` are
+  then the cache slots, which the "t5" bias measures distances from).
   """
 
   config: ModelConfig
@@ -342,13 +435,14 @@ class DecoderLM(nn.Module):
     if cfg.position_encoding == "learned":
       x = x + Embedding(cfg.max_len, cfg.d_model, ("length", "embed"), cfg.compute_dtype,
                         name="position_embed")(positions)
-    else:
+    elif cfg.position_encoding == "rotary":
       rotation = rotary.rotation(positions, cfg.head_dim)
+    bias = self._t5_bias(positions) if cfg.relative_bias == "t5" else None
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
     for layer in range(cfg.num_layers):
       x = DecoderBlock(cfg, self.decode, name=f"block_{layer}")(
-          x, rotation, segment_ids, deterministic)
+          x, rotation, bias, segment_ids, deterministic)
     x = _layer_norm(cfg, "ln_final")(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x)
@@ -358,6 +452,17 @@ class DecoderLM(nn.Module):
                           name="output")(x)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
     return logits.astype(jnp.float32)
+
+  def _t5_bias(self, positions):
+    """float32 logit bias of the model's T5 table: [1, H, length, length] over row indices, or
+    in decode mode [batch, H, 1, max_len] of `positions` [batch, 1] against the cache slots
+    (H: heads or 1)."""
+    cfg = self.config
+    table = _bias_table(self, cfg, (t5_bias.NUM_BUCKETS,), nn.initializers.normal(0.1))
+    if self.decode:
+      return t5_bias.bias(table, positions, jnp.arange(cfg.max_len))
+    rows = jnp.arange(positions.shape[1])
+    return t5_bias.bias(table, rows[None], rows)
 
 
 def count_params(config: ModelConfig) -> int:

@@ -11,7 +11,9 @@ from lm1b.errors import ConfigError
 
 Schedule = Callable[[jax.typing.ArrayLike], jax.Array]
 DECAYS = ("rsqrt", "cosine", "constant")
-_NO_DECAY_NAMES = ("bias", "scale")
+# Logit biases by relative position (lm1b.model) are biases too: decay would also pull the
+# per-level discount (ModelConfig.relative_bias_level_discount) back to zero.
+_NO_DECAY_NAMES = ("bias", "scale", "relative_bias")
 
 
 class Optimizer(NamedTuple):
@@ -81,7 +83,7 @@ def weight_decay_mask(params: Any) -> Any:
   """Pytree of bools like params: True where weight decay applies.
 
   Excluded: every parameter with ndim < 2 (biases, LayerNorm scales, scalars) and any leaf
-  named 'bias' or 'scale' whatever its rank.
+  named 'bias', 'scale' or 'relative_bias' whatever its rank.
   """
   def decays(path, leaf):
     return jnp.ndim(leaf) >= 2 and _last_name(path) not in _NO_DECAY_NAMES

@@ -188,11 +188,20 @@ def test_nan_loss_exits_1_naming_the_step_and_keeps_good_checkpoints(micro, tmp_
 @pytest.mark.parametrize("name, attention, target", [
     ("lm1b_53m.gin", "hierarchical", 53e6), ("lm1b_53m_full.gin", "full", 53e6),
     ("lm1b_144m.gin", "hierarchical", 144e6), ("lm1b_144m_full.gin", "full", 144e6),
+    ("lm1b_53m_paper.gin", "hierarchical", 53e6), ("lm1b_53m_full_paper.gin", "full", 53e6),
+    ("lm1b_144m_paper.gin", "hierarchical", 144e6),
+    ("lm1b_144m_full_paper.gin", "full", 144e6),
     ("tiny.gin", "hierarchical", None)])
 def test_shipped_gin_configs(name, attention, target):
+  """The paper's files: a relative bias (hierarchical, or T5 for full attention) as the only
+  position signal; the others: a learned position table."""
   cli.parse_gin([cli.resolve_gin_file(f"gin/{name}")], [])
   config = model.ModelConfig()
   assert config.attention == attention
+  paper = name.endswith("_paper.gin")
+  assert config.position_encoding == ("none" if paper else "learned")
+  assert config.relative_bias == (("t5" if attention == "full" else attention) if paper
+                                  else "none")
   assert input_pipeline.InputConfig().mode == ("sentence" if target is None else "packed")
   if target is not None:
     assert config.block_size == 16 and config.num_layers == 6

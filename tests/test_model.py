@@ -2,8 +2,10 @@
 
 import dataclasses
 import functools
+import math
 
 import flax.linen as nn
+from flax import traverse_util
 import gin
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from hattention import packing_slot
+from lm1b import t5_bias
 from lm1b.model import DecoderLM, ModelConfig, count_params
 
 TINY = ModelConfig(vocab_size=64, num_layers=2, num_heads=2, d_model=32,
@@ -24,24 +27,46 @@ KINDS = {
 }
 
 
-def _config(kind: str, **overrides) -> ModelConfig:
-  return dataclasses.replace(TINY, **{**KINDS[kind], **overrides})
+# Position signals (ModelConfig fields), each tested with the attention kinds it is for.
+SIGNALS = {
+    "learned": dict(position_encoding="learned"),
+    "rotary": dict(position_encoding="rotary"),
+    "none": dict(position_encoding="none"),
+    "hierarchical": dict(position_encoding="none", relative_bias="hierarchical"),
+    "rotary+hierarchical": dict(position_encoding="rotary", relative_bias="hierarchical"),
+    "hierarchical-per-level-discount": dict(
+        position_encoding="none", relative_bias="hierarchical", relative_bias_per_level=True,
+        relative_bias_level_discount=True),
+    "hierarchical-shared-heads": dict(position_encoding="none", relative_bias="hierarchical",
+                                      relative_bias_shared_heads=True),
+    "t5": dict(position_encoding="none", relative_bias="t5"),
+    "rotary+t5": dict(position_encoding="rotary", relative_bias="t5"),
+    "t5-shared-heads": dict(position_encoding="none", relative_bias="t5",
+                            relative_bias_shared_heads=True),
+}
+
+
+def _config(kind: str, signal: str = "learned", **overrides) -> ModelConfig:
+  return dataclasses.replace(TINY, **{**KINDS[kind], **SIGNALS[signal], **overrides})
+
+
+@functools.cache
+def _params(config: ModelConfig):
+  """Float32 parameters of DecoderLM(config), initialised with PRNGKey(0)."""
+  init = jax.jit(DecoderLM(config).init)
+  return nn.unbox(init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32)))["params"]
 
 
 @pytest.fixture(scope="module")
 def params():
   """Float32 parameters shared by every attention kind (same tree)."""
-  tokens = jnp.zeros((1, 4), jnp.int32)
-  init = jax.jit(DecoderLM(_config("full")).init)
-  return nn.unbox(init(jax.random.PRNGKey(0), tokens))["params"]
+  return _params(_config("full"))
 
 
 @pytest.fixture(scope="module")
 def rotary_params():
   """Parameters of the rotary models (no position table)."""
-  tokens = jnp.zeros((1, 4), jnp.int32)
-  init = jax.jit(DecoderLM(_config("full", position_encoding="rotary")).init)
-  return nn.unbox(init(jax.random.PRNGKey(0), tokens))["params"]
+  return _params(_config("full", "rotary"))
 
 
 def _tokens(batch: int, length: int, seed: int = 1) -> jnp.ndarray:
@@ -98,8 +123,10 @@ def test_hierarchical_differs_from_full_beyond_two_blocks(params):
   assert not np.allclose(hierarchical, full, atol=1e-4)
 
 
-def test_packed_full_attention_isolates_segments(params):
-  config = _config("full")
+@pytest.mark.parametrize("signal", ["learned", "t5", "rotary+t5"])
+def test_packed_full_attention_isolates_segments(signal):
+  config = _config("full", signal)
+  params = _params(config)
   first, second = _tokens(1, 5, seed=2), _tokens(1, 6, seed=3)
   packed = jnp.concatenate([first, second, jnp.zeros((1, 1), jnp.int32)], 1)
   segment_ids = jnp.array([[1] * 5 + [2] * 6 + [0]])
@@ -138,14 +165,16 @@ def _packed_row(sentences, block_size, row):
   return tuple(jnp.asarray(x)[None] for x in (tokens, positions, segment_ids)), offsets
 
 
-@pytest.mark.parametrize("kind,positions", [("hierarchical-sample", "learned"),
-                                             ("hierarchical-fine", "learned"),
-                                             ("hierarchical-sample", "rotary")])
-def test_packed_hierarchical_sentence_gets_its_logits_alone(request, kind, positions):
+@pytest.mark.parametrize("kind,signal", [
+    ("hierarchical-sample", "learned"), ("hierarchical-fine", "learned"),
+    ("hierarchical-sample", "rotary"), ("hierarchical-sample", "hierarchical"),
+    ("hierarchical-fine", "hierarchical"),
+    ("hierarchical-sample", "hierarchical-per-level-discount")])
+def test_packed_hierarchical_sentence_gets_its_logits_alone(kind, signal):
   """Sentences of 9, 3, 6 and 11 tokens at offsets 0, 10, 13, 20 of a 32-position row (block
   4): each gets the logits it gets alone, and changing one leaves the others' unchanged."""
-  config = _config(kind, position_encoding=positions)
-  params = request.getfixturevalue("params" if positions == "learned" else "rotary_params")
+  config = _config(kind, signal)
+  params = _params(config)
   sentences = [_tokens(1, n, seed=n) for n in (9, 3, 6, 11)]
   (tokens, positions, segment_ids), offsets = _packed_row(sentences, TINY.block_size, 32)
   assert offsets == [0, 10, 13, 20]
@@ -181,21 +210,22 @@ def _decode_all(config, params, tokens):
   return jnp.swapaxes(logits, 0, 1)
 
 
-@pytest.mark.parametrize("kind", sorted(KINDS))
-def test_decode_steps_match_full_forward(params, kind):
-  config = _config(kind)
+DECODE_CASES = (
+    [(kind, signal) for kind in sorted(KINDS) for signal in ("learned", "rotary")]
+    + [("hierarchical-sample", "hierarchical"),
+       ("hierarchical-fine", "hierarchical"), ("hierarchical-sample", "rotary+hierarchical"),
+       ("hierarchical-sample", "hierarchical-per-level-discount"),
+       ("hierarchical-fine", "hierarchical-shared-heads"),
+       ("full", "t5"), ("full", "rotary+t5"), ("full", "t5-shared-heads")])
+
+
+@pytest.mark.parametrize("kind,signal", DECODE_CASES)
+def test_decode_steps_match_full_forward(kind, signal):
+  config = _config(kind, signal)
+  params = _params(config)
   tokens = _tokens(2, 21)
   np.testing.assert_allclose(_decode_all(config, params, tokens),
                              _logits(config, params, tokens),
-                             atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("kind", sorted(KINDS))
-def test_rotary_decode_steps_match_full_forward(rotary_params, kind):
-  config = _config(kind, position_encoding="rotary")
-  tokens = _tokens(2, 21)
-  np.testing.assert_allclose(_decode_all(config, rotary_params, tokens),
-                             _logits(config, rotary_params, tokens),
                              atol=1e-4, rtol=1e-4)
 
 
@@ -218,6 +248,70 @@ def test_rotary_has_no_position_table_and_sees_relative_positions_only(params, r
   learned = _config("full")
   assert not np.allclose(_logits(learned, params, tokens, positions=base),
                          _logits(learned, params, tokens, positions=shifted), atol=1e-3)
+
+
+def test_t5_buckets_by_hand():
+  """32 buckets, max distance 128: distances 0-15 exact; from 16 on, bucket
+  16 + floor(16 * log(n / 16) / log(8)) (e.g. 19: 16 * 0.1719 / 2.0794 = 1.32 -> 17; 100:
+  16 * 1.8326 / 2.0794 = 14.1 -> 30), capped at 31; future keys (n < 0) read bucket 0."""
+  distances = list(range(21)) + [31, 32, 63, 64, 100, 127, 128, 1000, -1, -7]
+  expected = (list(range(16)) + [16, 16, 16, 17, 17] + [21, 21, 26, 26, 30, 31, 31, 31, 0, 0])
+  assert t5_bias.bucket(jnp.array(distances)).tolist() == expected
+  table = jnp.arange(32.0)[:, None] * jnp.array([[1.0, -1.0]])  # entry = +-bucket per head
+  bias = t5_bias.bias(table, jnp.array([[40]]), jnp.arange(41))
+  assert bias.shape == (1, 2, 1, 41) and bias.dtype == jnp.float32
+  np.testing.assert_array_equal(bias[0, 1, 0], -t5_bias.bucket(40 - jnp.arange(41)))
+
+
+def _map_bias(params, fn):
+  """params with fn(table) in place of every relative_bias table (dropped where None)."""
+  flat = traverse_util.flatten_dict(params)
+  mapped = {path: fn(x) if path[-1] == "relative_bias" else x for path, x in flat.items()}
+  return traverse_util.unflatten_dict({k: v for k, v in mapped.items() if v is not None})
+
+
+@pytest.mark.parametrize("kind,signal", [("full", "t5"), ("hierarchical-sample", "hierarchical")])
+def test_relative_bias_is_a_position_signal_by_relative_position(kind, signal):
+  """One layer, no position encoding, 8 tokens (block 4: all of position 7's keys at level 0).
+  Without a bias, position 7 sees its prefix as a set: swapping tokens 2 and 5 leaves its
+  logits unchanged; with the bias they change; a zero table gives the model without bias."""
+  config = _config(kind, signal, num_layers=1)
+  bare_config = _config(kind, "none", num_layers=1)
+  params = _params(config)
+  bare = _map_bias(params, lambda table: None)
+  assert jax.tree.structure(bare) == jax.tree.structure(_params(bare_config))
+  tokens = _tokens(1, 8)
+  swapped = tokens.at[0, jnp.array([2, 5])].set(tokens[0, jnp.array([5, 2])])
+  last = lambda cfg, p, t: _logits(cfg, p, t)[0, -1]
+  np.testing.assert_allclose(last(bare_config, bare, tokens), last(bare_config, bare, swapped),
+                             atol=1e-5)
+  assert not np.allclose(last(config, params, tokens), last(config, params, swapped),
+                         atol=1e-3)
+  np.testing.assert_allclose(last(config, _map_bias(params, jnp.zeros_like), tokens),
+                             last(bare_config, bare, tokens), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,signal", [
+    ("full", "t5-shared-heads"), ("hierarchical-sample", "hierarchical-per-level-discount")])
+def test_gradient_reaches_the_bias_tables_at_the_distances_and_levels_seen(kind, signal):
+  """The loss of a 32-token row (block 4: levels 0-2) has a gradient on every table, every level
+  of a per-level table, and on the T5 table's buckets of distances 0..31 (0..21) only."""
+  config = _config(kind, signal)
+  params, tokens = _params(config), _tokens(1, 33)
+
+  def loss(p):
+    log_probs = jax.nn.log_softmax(_logits(config, p, tokens[:, :-1]))
+    return -jnp.sum(jnp.take_along_axis(log_probs, tokens[:, 1:, None], -1))
+
+  grads = traverse_util.flatten_dict(jax.grad(loss)(params))
+  tables = {path: g for path, g in grads.items() if path[-1] == "relative_bias"}
+  assert len(tables) == (1 if kind == "full" else TINY.num_layers)
+  for table in tables.values():
+    touched = np.any(np.asarray(table) != 0, axis=tuple(range(1, table.ndim)))
+    if kind == "full":
+      assert touched.tolist() == [True] * 22 + [False] * 10
+    else:
+      assert touched.tolist() == [True] * 3
 
 
 def test_decode_requires_positions_and_single_token(params):
@@ -256,6 +350,40 @@ def test_count_params_matches_initialised_tree_and_tying(params):
   assert count_params(tied) == count - 32 * 64 - 64
 
 
+@pytest.mark.parametrize("kind,signal,shape,names", [
+    ("full", "none", None, None),
+    ("full", "t5", (32, 2), (None, "heads")),
+    ("full", "t5-shared-heads", (32, 1), (None, None)),
+    ("hierarchical-sample", "hierarchical", (15, 2), (None, "heads")),
+    ("hierarchical-sample", "hierarchical-shared-heads", (15, 1), (None, None)),
+    ("hierarchical-sample", "hierarchical-per-level-discount", (3, 15, 2),
+     (None, None, "heads"))])
+def test_relative_bias_tables_shapes_names_and_count(kind, signal, shape, names):
+  """T5: one table [32 buckets, heads|1] for the model; hierarchical: one per layer [4 * 4 - 1,
+  heads|1], or [3 levels, ...] per level (max_len 32, block 4); no position table."""
+  config = _config(kind, signal)
+  boxed = jax.eval_shape(DecoderLM(config).init, jax.random.PRNGKey(0),
+                         jnp.zeros((1, 4), jnp.int32))["params"]
+  flat = traverse_util.flatten_dict(boxed)
+  tables = {path: box for path, box in flat.items() if path[-1] == "relative_bias"}
+  assert "position_embed" not in boxed
+  no_positions = count_params(TINY) - TINY.max_len * TINY.d_model
+  if shape is None:
+    assert not tables and count_params(config) == no_positions
+    return
+  layers = 1 if kind == "full" else TINY.num_layers
+  assert len(tables) == layers and count_params(config) == no_positions + layers * math.prod(shape)
+  for box in tables.values():
+    assert box.value.shape == shape and box.value.dtype == jnp.float32 and box.names == names
+
+
+def test_level_discount_starts_level_l_at_minus_l_log_2():
+  table = _params(_config("hierarchical-sample", "hierarchical-per-level-discount"))[
+      "block_0"]["attention"]["relative_bias"]
+  np.testing.assert_allclose(table.mean(axis=(1, 2)), -math.log(2) * np.arange(3), atol=0.06)
+  np.testing.assert_allclose(table.std(axis=(1, 2)), 0.1, rtol=0.35)
+
+
 def test_parameters_carry_logical_axis_names():
   boxed = jax.eval_shape(DecoderLM(TINY).init, jax.random.PRNGKey(0),
                          jnp.zeros((1, 4), jnp.int32))["params"]
@@ -281,6 +409,14 @@ def test_parameters_carry_logical_axis_names():
     ("vocab_size", dict(vocab_size=0)),
     ("dtype", dict(dtype="float33")),
     ("position_encoding", dict(position_encoding="alibi")),
+    ("relative_bias", dict(relative_bias="alibi")),
+    ("relative_bias", dict(attention="full", relative_bias="hierarchical")),
+    ("relative_bias", dict(attention="hierarchical", relative_bias="t5")),
+    ("relative_bias_shared_heads", dict(relative_bias_shared_heads=True)),
+    ("relative_bias_per_level", dict(attention="full", relative_bias="t5",
+                                     relative_bias_per_level=True)),
+    ("relative_bias_level_discount", dict(relative_bias="hierarchical",
+                                          relative_bias_level_discount=True)),
     ("head_dim", dict(position_encoding="rotary", d_model=30, num_heads=2)),
 ])
 def test_config_validation_names_field(field, overrides):

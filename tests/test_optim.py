@@ -58,13 +58,15 @@ def test_weight_decay_mask():
   params = {"embed": {"embedding": jnp.ones((5, 4))},
             "block": {"dense": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones((4,))},
                       "norm": {"scale": jnp.ones((4,)), "bias": jnp.ones((4,))},
-                      "odd": {"scale": jnp.ones((2, 4))}},
+                      "odd": {"scale": jnp.ones((2, 4))},
+                      "attention": {"relative_bias": jnp.ones((3, 7, 2))}},
             "scalar": jnp.ones(())}
   mask = optim.weight_decay_mask(params)
   assert mask == {"embed": {"embedding": True},
                   "block": {"dense": {"kernel": True, "bias": False},
                             "norm": {"scale": False, "bias": False},
-                            "odd": {"scale": False}},
+                            "odd": {"scale": False},
+                            "attention": {"relative_bias": False}},
                   "scalar": False}
   # Flax logically-partitioned (boxed) parameters get a mask of the same boxed structure.
   boxed = {"kernel": nn.LogicallyPartitioned(jnp.ones((2, 3)), ("embed", "mlp")),
