@@ -72,8 +72,10 @@ DEFAULT_RUNS = (
     "block_local_4096:hier_bias", "sample_1024:rotary", "sample_1024:none",
     "sample_1024:hier_bias", "sample_1024:hier_bias_per_level", "sample_1024:hier_bias_discount",
     "fine_1024:rotary", "fine_1024:hier_bias", "fine_1024:hier_bias_discount",
-    "sample_4096:rotary", "sample_4096:hier_bias", "fine_4096:hier_bias")
+    "sample_4096:rotary", "sample_4096:hier_bias", "sample_4096:hier_bias_discount",
+    "fine_4096:hier_bias")
 CURVE_SENTENCES = 400
+_LINE_STYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)))
 
 
 def gin_of(experiment: str) -> tuple[str, tuple[str, ...]]:
@@ -156,11 +158,16 @@ def report(results: list[Result], unigram: float, out: str) -> str:
                    for t in targets]
                 + [", ".join("never" if t is None else f"{t:,}" for t in reached)])
   figure, axis = plt.subplots(figsize=(9, 5.5))
-  for name in names:
+  experiments = list(dict.fromkeys(name.split(":")[0] for name in names))
+  for name in names:  # colour: the position choice; line style: the experiment
+    experiment, position = name.split(":")
     curves = np.array([[point[1] for point in r.curve] for r in results if r.run == name])
     x = [point[0] for point in next(r for r in results if r.run == name).curve]
-    line, = axis.plot(x, curves.mean(0), marker="o", markersize=2, label=name)
-    axis.fill_between(x, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.15)
+    color = plt.get_cmap("tab10")(list(POSITIONS).index(position))
+    style = _LINE_STYLES[experiments.index(experiment) % len(_LINE_STYLES)]
+    axis.plot(x, curves.mean(0), marker="o", markersize=2, label=name, color=color,
+              linestyle=style)
+    axis.fill_between(x, curves.min(0), curves.max(0), color=color, alpha=0.15)
   axis.axhline(unigram, color="gray", linestyle=":", label="unigram")
   axis.set(xlabel="training tokens", yscale="log",
            ylabel=f"per-token perplexity (first {CURVE_SENTENCES} test sentences)")

@@ -45,6 +45,12 @@ segment. With segments that are contiguous runs this is the pair rule exactly.
 
 Levels merge with a per-row running max / log-sum-exp in float32; the maxima
 are stop-gradient stabilisers (the output does not depend on them).
+
+A relative position bias table (`relative_bias`, `hattention.relative_position`)
+adds one entry per (row, key) of a level's key window: the index depends on the
+row's cell within its query block and the key's cell within the window only
+(plus, when a query block is longer than the chunk, the chunk's place in it), so
+each level gathers a [rows, keys] bias once per chunk, broadcast over blocks.
 """
 
 import functools
@@ -373,7 +379,7 @@ def _level0(queries: _Queries, keys: _Keys, cfg: _Config, table) -> _Stats:
   bias = None
   if table is not None:  # cells counted from the block before the query block
     index = relative_position.relative_index(b + np.arange(b)[:, None],
-                                         np.arange(len(offsets) * b)[None], b)
+                                             np.arange(len(offsets) * b)[None], b)
     bias = relative_position.logit_bias(relative_position.level_table(table, 0), index)
   window = lambda x: _windows(_blocks(x, b), offsets)
   if keys.segment is None:

@@ -9,7 +9,9 @@ A query at position t sees, at level 0, blocks t//b - 1 and t//b of raw keys
 i - 1 with i = t // (b * 2**l), all of them when t is in the right half of its
 level-l block and only the left half otherwise (the rest is covered at level
 l - 1). A cell of 2**l real keys weighs 2**l times (logit + l * log 2) and
-carries its mean value. All levels merge in one float32 softmax.
+carries its mean value; a relative bias table adds its entry for the slot's
+position (level 0) or cell (level l) against the query's. All levels merge in
+one float32 softmax.
 
 Only two consecutive blocks per level are ever needed, so the state is a set
 of ring buffers of 2 * b slots (block size b, M levels, B batch, H heads, D

@@ -191,17 +191,22 @@ def test_nan_loss_exits_1_naming_the_step_and_keeps_good_checkpoints(micro, tmp_
     ("lm1b_53m_paper.gin", "hierarchical", 53e6), ("lm1b_53m_full_paper.gin", "full", 53e6),
     ("lm1b_144m_paper.gin", "hierarchical", 144e6),
     ("lm1b_144m_full_paper.gin", "full", 144e6),
+    ("lm1b_53m_level_discount.gin", "hierarchical", 53e6),
+    ("lm1b_144m_level_discount.gin", "hierarchical", 144e6),
     ("tiny.gin", "hierarchical", None)])
 def test_shipped_gin_configs(name, attention, target):
-  """The paper's files: a relative bias (hierarchical, or T5 for full attention) as the only
-  position signal; the others: a learned position table."""
+  """The paper's files (and the level-discount fix on top of them): a relative bias
+  (hierarchical, or T5 for full attention) as the only position signal; the others: a learned
+  position table."""
   cli.parse_gin([cli.resolve_gin_file(f"gin/{name}")], [])
   config = model.ModelConfig()
   assert config.attention == attention
-  paper = name.endswith("_paper.gin")
+  paper = name.endswith(("_paper.gin", "_level_discount.gin"))
   assert config.position_encoding == ("none" if paper else "learned")
   assert config.relative_bias == (("t5" if attention == "full" else attention) if paper
                                   else "none")
+  discount = name.endswith("_level_discount.gin")
+  assert config.relative_bias_per_level == config.relative_bias_level_discount == discount
   assert input_pipeline.InputConfig().mode == ("sentence" if target is None else "packed")
   if target is not None:
     assert config.block_size == 16 and config.num_layers == 6
