@@ -24,10 +24,8 @@ Errors are one line (CheckpointError and subclasses). Orbax's own log records, w
 tracebacks, are kept off the console unless the `lm1b.checkpoints` logger is at DEBUG.
 """
 
-import functools
 import logging
 import os
-import sys
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
@@ -38,6 +36,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from lm1b import checksum
+from lm1b import orbax_quiet
 from lm1b import storage
 
 _LOG = logging.getLogger(__name__)
@@ -126,45 +125,6 @@ def _is_chief() -> bool:
   return jax.process_index() == 0
 
 
-# -- keeping Orbax's diagnostics off the console -------------------------------------------------
-_ORBAX_DIR = os.path.dirname(os.path.abspath(ocp.__file__))
-
-
-class _OrbaxRecordFilter(logging.Filter):
-  """Drops log records emitted from Orbax's sources unless lm1b.checkpoints is at DEBUG.
-
-  Our own one-line errors say what failed; Orbax logs each failure again with tracebacks.
-  """
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not record.pathname.startswith(_ORBAX_DIR) or _LOG.isEnabledFor(logging.DEBUG)
-
-
-def _is_abandoned_orbax_read(unraisable: Any) -> bool:
-  """After a failed restore Orbax closes its event loop while TensorStore reads are still
-  pending: their completion callbacks fail with 'Event loop is closed', and their
-  coroutines, closed later by the garbage collector, raise from Orbax's error wrapper.
-  Both are harmless and reach only sys.unraisablehook."""
-  value = unraisable.exc_value
-  if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
-    return True
-  code = getattr(unraisable.object, "cr_code", None)
-  return code is not None and code.co_filename.startswith(_ORBAX_DIR)
-
-
-@functools.cache
-def _quiet_orbax() -> None:
-  """Installs the record filter and the unraisable-exception filter (once per process)."""
-  logging.getLogger("absl").addFilter(_OrbaxRecordFilter())
-  previous_hook = sys.unraisablehook
-
-  def hook(unraisable):
-    if not _is_abandoned_orbax_read(unraisable):
-      previous_hook(unraisable)
-
-  sys.unraisablehook = hook
-
-
 # -- the checkpointer ----------------------------------------------------------------------------
 def _shapes(tree: Any) -> dict[str, ShapeDtype]:
   """{tree path: (shape, dtype)} of the leaves of an abstract or metadata tree."""
@@ -209,7 +169,7 @@ class Checkpointer:
       raise ValueError(f"Checkpointer keep={keep} must be >= 1")
     if save_every < 1:
       raise ValueError(f"Checkpointer save_every={save_every} must be >= 1")
-    _quiet_orbax()
+    orbax_quiet.install()
     self.directory = storage.resolve(directory)  # local (absolute) or gs://
     self.save_every = save_every
     self._saving_step: int | None = None
