@@ -76,6 +76,13 @@ class Damaged(NamedTuple):
   reason: str
 
 
+def describe_damaged(directory: str, damaged: Sequence[Damaged]) -> str:
+  """One line naming the damaged steps of `directory` and why, e.g. 'checkpoint
+  /w/checkpoints/40 is damaged (params metadata: ...)'."""
+  return "; ".join(f"checkpoint {epath.Path(directory) / str(d.step)} is damaged ({d.reason})"
+                   for d in damaged)
+
+
 class Restored(NamedTuple):
   """What `Checkpointer.restore` returns.
 
@@ -280,13 +287,24 @@ class Checkpointer:
                                    f"{item} metadata: {summarize_error(error)}") from error
     return _shapes(getattr(metadata, "tree", metadata))
 
-  def check_compatible(self, abstract_items: Mapping[str, Any], step: int | None = None) -> None:
-    """Compares shapes and dtypes with the checkpoint's metadata (no array data is read).
+  def check_compatible(self, abstract_items: Mapping[str, Any],
+                       step: int | None = None) -> int | None:
+    """Compares shapes and dtypes with a checkpoint's metadata (no array data is read).
 
-    abstract_items: {name: PyTree of objects with .shape and .dtype}. Raises
-    CheckpointMismatchError listing the differing tree paths, CorruptCheckpointError if the
-    metadata is unreadable, NoCheckpointError if there is no such step (default: latest).
+    abstract_items: {name: PyTree of objects with .shape and .dtype}. step None: the newest
+    step whose metadata can be read (damaged steps are left to restore_latest_valid);
+    returns the step compared, None if no step's metadata is readable. Raises
+    CheckpointMismatchError listing the differing tree paths; for an explicit step,
+    CorruptCheckpointError if its metadata is unreadable and NoCheckpointError if it does
+    not exist.
     """
+    if step is None:
+      for candidate in reversed(self.all_steps()):
+        try:
+          return self.check_compatible(abstract_items, candidate)
+        except CorruptCheckpointError:
+          continue
+      return None
     step = self._existing_step(step)
     problems = []
     for item, abstract in abstract_items.items():
@@ -295,6 +313,7 @@ class Checkpointer:
       raise CheckpointMismatchError(
           f"checkpoint {self.step_path(step)} does not match the configured model: "
           f"{_listing(problems)}")
+    return step
 
   def restore(self, abstract_items: Mapping[str, Any], step: int | None = None) -> Restored:
     """Restores only the given items of `step` (default: latest) and verifies them.
@@ -340,9 +359,11 @@ class Checkpointer:
   def restore_latest_valid(self, abstract_items: Mapping[str, Any]) -> Restored | None:
     """The newest step that restores and verifies, or None if there is no step at all.
 
-    Each damaged newer step is logged in one line (process 0) and listed in
-    Restored.damaged. Raises CorruptCheckpointError if every step is damaged, and
-    CheckpointMismatchError at once if the shapes differ (a configuration problem).
+    Whatever makes a step unreadable (array data, metadata, OCDBT manifest, the JSON items,
+    a checksum mismatch) makes it damaged: it is skipped, listed in Restored.damaged and
+    left in place (see `quarantine`, `describe_damaged`). Raises CorruptCheckpointError if
+    every step is damaged, and CheckpointMismatchError at once if the shapes differ (a
+    configuration problem).
     """
     self.wait()
     damaged = []
@@ -351,8 +372,6 @@ class Checkpointer:
         return self.restore(abstract_items, step)._replace(damaged=damaged)
       except CorruptCheckpointError as error:
         damaged.append(Damaged(step, error.reason))
-        if _is_chief():
-          _LOG.error("%s; trying an older step", error)
     if damaged:
       raise CorruptCheckpointError(
           self.directory, "every step is damaged: " + _listing(
@@ -374,7 +393,6 @@ class Checkpointer:
         source = epath.Path(self.step_path(step))
         if source.is_dir():
           moved.append(self._move_aside(source, str(step)))
-          _LOG.warning("moved damaged checkpoint %s to %s", source, moved[-1])
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("lm1b.checkpoints.quarantine")
     self._manager.reload()

@@ -31,6 +31,7 @@ from lm1b import optim
 from lm1b import partitioning
 from lm1b import tokenizer as tokenizer_lib
 from lm1b import workdir as workdir_lib
+from lm1b.console import is_chief
 from lm1b.errors import ConfigError
 
 _LOG = logging.getLogger(__name__)
@@ -164,6 +165,10 @@ def load_trained(workdir: epath.PathLike, model_config: model_lib.ModelConfig, s
       restored = checkpointer.restore_latest_valid(abstract)
       if restored is None:
         raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+      if restored.damaged and is_chief():  # stderr: sample.py's stdout is the samples
+        _LOG.warning("%s; using step %d (left in place; train.py moves damaged steps aside)",
+                     checkpoints.describe_damaged(checkpointer.directory, restored.damaged),
+                     restored.step)
     else:
       restored = checkpointer.restore(abstract, step)
   shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract["params"])

@@ -201,7 +201,8 @@ class Trainer:
     else:
       if restored.damaged:
         moved = self.checkpointer.quarantine([damaged.step for damaged in restored.damaged])
-        say(f"moved damaged checkpoints aside: {', '.join(moved)}")
+        say(f"{checkpoints.describe_damaged(self.checkpointer.directory, restored.damaged)}: "
+            f"moved to {', '.join(moved)}; resuming from step {restored.step}")
       self.state = experiment.state_from_items(restored.items)
       self.step = restored.step
       self.batches.restore(restored.data_state)
@@ -470,8 +471,9 @@ def _train_in_workdir(workdir: str, loop: LoopConfig, model_config: model_lib.Mo
   with checkpoints.Checkpointer(
       epath.Path(workdir) / workdir_lib.CHECKPOINT_DIR, keep=loop.keep_checkpoints,
       save_every=loop.checkpoint_every, async_save=loop.async_checkpoints) as checkpointer:
-    if checkpointer.latest_step() is not None:  # names differing shapes before any write
-      checkpointer.check_compatible(experiment.checkpoint_items(spec.abstract))
+    # Names differing shapes before any write; a damaged newest step is compared past here
+    # and moved aside by restore_or_init.
+    checkpointer.check_compatible(experiment.checkpoint_items(spec.abstract))
     if is_chief():
       workdir_lib.write_config(workdir, config_text)
     trainer = Trainer(workdir, loop, data, input_config, spec, checkpointer, config_text, stop)
