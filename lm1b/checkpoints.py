@@ -44,6 +44,7 @@ _DATA, _CONFIG, _CHECKSUMS = "data", "config", "checksums"
 RESERVED_ITEMS = (_DATA, _CONFIG, _CHECKSUMS)
 CORRUPT_DIR = "corrupt"
 _MAX_LISTED = 4
+_RELIST_ATTEMPTS = 3
 
 
 class CheckpointError(Exception):
@@ -168,10 +169,15 @@ class Checkpointer:
 
   Every method must be called on every process (Orbax and the checksums synchronise the
   hosts); process 0 alone logs and moves directories.
+
+  read_only=True is for tools that read a run (eval.py, sample.py), possibly beside a running
+  trainer: nothing is created, cleaned (the trainer's `*.orbax-checkpoint-tmp` directories
+  stay), deleted or moved; save and quarantine refuse. A step that disappears while it is
+  read (the trainer's retention deleted it) is skipped as gone, not reported as damaged.
   """
 
   def __init__(self, directory: str | os.PathLike, *, keep: int = 3,
-               save_every: int = 1000, async_save: bool = True):
+               save_every: int = 1000, async_save: bool = True, read_only: bool = False):
     if keep < 1:
       raise ValueError(f"Checkpointer keep={keep} must be >= 1")
     if save_every < 1:
@@ -179,13 +185,19 @@ class Checkpointer:
     orbax_quiet.install()
     self.directory = storage.resolve(directory)  # local (absolute) or gs://
     self.save_every = save_every
+    self.read_only = read_only
     self._saving_step: int | None = None
     self._unchecked_save = False  # a save started whose outcome nobody has looked at yet
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=checkpoint_managers.LatestN(n=keep),
-        enable_async_checkpointing=async_save,
-        create=True,
-        cleanup_tmp_directories=True,
+        preservation_policy=None if read_only else checkpoint_managers.LatestN(n=keep),
+        enable_async_checkpointing=async_save and not read_only,
+        create=not read_only,
+        cleanup_tmp_directories=not read_only,
+        read_only=read_only,
+        # Readers list steps without reading each step's metadata: beside a trainer, a step
+        # may be deleted between the listing and that read.
+        lightweight_initialize=read_only,
+        save_interval_steps=0 if read_only else 1,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._metadata_handler = ocp.StandardCheckpointHandler()
@@ -224,6 +236,7 @@ class Checkpointer:
     RESERVED_ITEMS. data_state: JSON-serialisable dict. A step that exists is never
     rewritten. Raises CheckpointWriteError if this or an earlier asynchronous save failed.
     """
+    self._check_writable("save")
     if step in self.all_steps() or not (force or self.should_save(step)):
       return False
     self.wait()  # Orbax would wait for the previous save too; this names its step if it failed
@@ -245,6 +258,10 @@ class Checkpointer:
       return bool(self._manager.save(step, args=args, force=True))
     except Exception as error:  # pylint: disable=broad-except
       raise self._write_error(error) from error
+
+  def _check_writable(self, what: str) -> None:
+    if self.read_only:
+      raise CheckpointError(f"cannot {what} in {self.directory}: opened read-only")
 
   def _write_error(self, error: BaseException) -> CheckpointWriteError:
     self._manager.reload()
@@ -277,7 +294,10 @@ class Checkpointer:
     """{tree path: (shape, dtype)} of one saved item, from its metadata file only."""
     path = self._manager.directory / str(step) / item  # an etils.epath.Path
     if not path.is_dir():
-      present = sorted(p.name for p in path.parent.iterdir() if p.is_dir())
+      try:
+        present = sorted(p.name for p in path.parent.iterdir() if p.is_dir())
+      except FileNotFoundError:  # the whole step went meanwhile (see _gone)
+        present = []
       raise CorruptCheckpointError(self.step_path(step),
                                    f"no item {item!r} (has {', '.join(present) or 'none'})")
     try:
@@ -366,17 +386,31 @@ class Checkpointer:
     configuration problem).
     """
     self.wait()
-    damaged = []
-    for step in reversed(self.all_steps()):
+    damaged, tried = [], set()
+    while untried := sorted(set(self.all_steps()) - tried):
+      step = untried[-1]
+      tried.add(step)
       try:
         return self.restore(abstract_items, step)._replace(damaged=damaged)
       except CorruptCheckpointError as error:
-        damaged.append(Damaged(step, error.reason))
+        if not self._gone(step):
+          damaged.append(Damaged(step, error.reason))
     if damaged:
       raise CorruptCheckpointError(
           self.directory, "every step is damaged: " + _listing(
               [f"step {d.step}: {d.reason}" for d in damaged]))
     return None
+
+  def _gone(self, step: int) -> bool:
+    """Re-lists the steps (newer ones may have appeared too); True if `step` is no longer
+    there: deleted while it was read, not damaged."""
+    for _ in range(_RELIST_ATTEMPTS):
+      try:
+        self._manager.reload()
+        break
+      except FileNotFoundError:  # a step deleted while Orbax read its metadata: list again
+        continue
+    return step not in self.all_steps()
 
   # -- damaged steps -------------------------------------------------------------------------
   def quarantine(self, steps: Sequence[int]) -> list[str]:
@@ -386,6 +420,7 @@ class Checkpointer:
     process sees the new step list, and the steps' numbers can be saved again. Returns the
     new paths (on process 0; empty elsewhere).
     """
+    self._check_writable("move damaged steps aside")
     self.wait()
     moved = []
     if _is_chief():

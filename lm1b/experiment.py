@@ -151,7 +151,8 @@ class TrainedModel:
 def load_trained(workdir: epath.PathLike, model_config: model_lib.ModelConfig, seq_len: int, *,
                  step: int | None = None) -> TrainedModel:
   """The workdir's tokenizer and the parameters of checkpoint `step` (default: the latest
-  readable one) on the gin-configured mesh; the optimizer state is never read.
+  readable one) on the gin-configured mesh; the optimizer state is never read, and nothing
+  in the workdir is written (safe beside a running trainer).
 
   Raises FileNotFoundError when the workdir has no tokenizer or no such checkpoint.
   """
@@ -160,7 +161,7 @@ def load_trained(workdir: epath.PathLike, model_config: model_lib.ModelConfig, s
   mesh = partitioning.make_mesh()
   abstract = {"params": abstract_params(model_config, mesh)}
   with checkpoints.Checkpointer(epath.Path(workdir) / workdir_lib.CHECKPOINT_DIR,
-                                async_save=False) as checkpointer:
+                                read_only=True) as checkpointer:
     if step is None:
       restored = checkpointer.restore_latest_valid(abstract)
       if restored is None:

@@ -495,5 +495,5 @@ def _latest_checkpoint(directory: epath.Path) -> int | None:
   """The newest complete checkpoint step in `directory`, None if there is none."""
   if not directory.is_dir():
     return None
-  with checkpoints.Checkpointer(directory, async_save=False) as checkpointer:
+  with checkpoints.Checkpointer(directory, read_only=True) as checkpointer:
     return checkpointer.latest_step()

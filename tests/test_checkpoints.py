@@ -275,6 +275,34 @@ def test_shape_mismatch_is_named_from_metadata_and_not_called_damage(ckpt_dir, c
       ckpt.check_compatible({"opt_state": {"mu": ABSTRACT["opt_state"]["mu"]}}, step=10)
 
 
+def test_read_only_creates_cleans_and_moves_nothing(ckpt_dir, tmp_path):
+  in_progress = ckpt_dir / "30.orbax-checkpoint-tmp-99"  # a trainer's save under way
+  in_progress.mkdir()
+  with checkpoints.Checkpointer(ckpt_dir, read_only=True) as reader:
+    assert reader.restore_latest_valid(ABSTRACT).step == 20
+    with pytest.raises(checkpoints.CheckpointError, match="opened read-only"):
+      reader.save(30, _items(30), {}, "", force=True)
+    with pytest.raises(checkpoints.CheckpointError, match="opened read-only"):
+      reader.quarantine([20])
+  assert in_progress.is_dir() and sorted(os.listdir(ckpt_dir)) == [
+      "10", "20", in_progress.name]
+  with checkpoints.Checkpointer(tmp_path / "none", read_only=True) as reader:
+    assert reader.restore_latest_valid(ABSTRACT) is None
+  assert not (tmp_path / "none").exists()
+
+
+def test_a_step_deleted_while_read_is_gone_not_damaged(ckpt_dir):
+  """A reader beside a trainer: the step it lists first is deleted by the trainer's
+  retention and a newer one saved; the reader takes the newest, reporting no damage."""
+  with checkpoints.Checkpointer(ckpt_dir, read_only=True) as reader:
+    assert reader.all_steps() == [10, 20]
+    shutil.rmtree(ckpt_dir / "20")
+    with checkpoints.Checkpointer(ckpt_dir, async_save=False) as trainer:
+      _save_steps(trainer, [30])
+    restored = reader.restore_latest_valid(ABSTRACT)
+  assert restored.step == 30 and restored.damaged == []
+
+
 def _fail_json_writes(monkeypatch):
   """Every JSON item write fails as on a full disk (in Orbax's background commit)."""
   async def no_space(self, item, directory):

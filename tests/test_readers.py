@@ -1,0 +1,99 @@
+"""eval.py and sample.py as readers of a workdir: they never write what the trainer owns
+(no cleanup, no directory, no lock) and are safe beside a running trainer."""
+
+import json
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lm1b import cli
+from test_train import REPO, gin_flags, micro, micro_params, subprocess_env  # noqa: F401
+
+NUM_STEPS = 2
+NUM_WATCHED = 24
+
+
+@pytest.fixture(scope="module")
+def trained(micro, tmp_path_factory):  # pylint: disable=redefined-outer-name
+  """A workdir with checkpoints at steps 1 and 2."""
+  workdir = tmp_path_factory.mktemp("run") / "workdir"
+  params = micro_params(micro[0], num_steps=NUM_STEPS, checkpoint_every=1)
+  assert cli.train_main(["--workdir", str(workdir), *gin_flags(params)]) == 0
+  return workdir
+
+
+def _tree(root: pathlib.Path) -> dict[str, tuple[int, int]]:
+  """{relative path: (size, mtime_ns)} of everything under root, directories included."""
+  return {str(p.relative_to(root)): (p.stat().st_size if p.is_file() else 0,
+                                     p.stat().st_mtime_ns)
+          for p in root.rglob("*")}
+
+
+def _read(workdir: pathlib.Path, out: pathlib.Path) -> tuple[int, int]:
+  """Exit codes of one eval.py (result to `out`) and one sample.py on workdir."""
+  return (cli.eval_main(["--workdir", str(workdir), "--output", str(out)]),
+          cli.sample_main(["--workdir", str(workdir), "--max_length", "8"]))
+
+
+def test_readers_leave_the_workdir_and_the_trainers_temporary_steps_as_they_are(
+    trained, tmp_path, capsys):
+  workdir = tmp_path / "copy"
+  shutil.copytree(trained, workdir)
+  in_progress = workdir / "checkpoints" / "3.orbax-checkpoint-tmp-1234"  # a save under way
+  (in_progress / "params").mkdir(parents=True)
+  before = _tree(workdir)
+  assert _read(workdir, tmp_path / "e.json") == (0, 0)
+  assert capsys.readouterr().out.count(f"step {NUM_STEPS}") == 2
+  assert _tree(workdir) == before
+
+
+def test_readers_create_no_checkpoint_directory(trained, tmp_path, capsys):
+  workdir = tmp_path / "prepared"  # what train.py --prepare_only leaves
+  workdir.mkdir()
+  for name in ("config.gin", "tokenizer.model"):
+    shutil.copy(trained / name, workdir / name)
+  assert _read(workdir, tmp_path / "e.json") == (1, 1)
+  errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+  assert errors == [f"error: no checkpoint in {workdir / 'checkpoints'}"] * 2
+  assert sorted(p.name for p in workdir.iterdir()) == ["config.gin", "tokenizer.model"]
+
+
+def _losses(output: str) -> dict[int, str]:
+  return dict(re.findall(r"^step (\d+)/\d+ .*?\| loss (\S+)", output, re.MULTILINE))
+
+
+def test_readers_beside_a_trainer_saving_every_step_change_nothing(micro, tmp_path, capsys):
+  """Two identical runs that save every step, one watched by eval.py and sample.py in a loop
+  (in this process) from its first checkpoint to its end: both exit 0 with the same losses
+  and the same final evaluation."""
+  corpus_dir, data_root = micro
+  params = micro_params(corpus_dir, num_steps=NUM_WATCHED, checkpoint_every=1, log_every=1)
+  runs = {}
+  for name in ("alone", "watched"):
+    command = [sys.executable, "train.py", "--workdir", str(tmp_path / name),
+               *gin_flags(params)]
+    runs[name] = subprocess.Popen(command, cwd=REPO, env=subprocess_env(data_root), text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  watched = tmp_path / "watched"
+  while runs["watched"].poll() is None and not (watched / "checkpoints" / "1").is_dir():
+    time.sleep(0.05)
+  codes = []
+  while runs["watched"].poll() is None:
+    codes.append(_read(watched, tmp_path / "e.json"))
+  outputs = {name: run.communicate(timeout=300)[0] for name, run in runs.items()}
+  for name, run in runs.items():
+    assert run.returncode == 0, outputs[name][-3000:]
+  captured = capsys.readouterr()
+  assert codes and set(codes) == {(0, 0)}, (codes, [
+      line for line in captured.err.splitlines() if line.startswith("error")])
+  read_steps = [int(s) for s in re.findall(r"^# step (\d+),", captured.out, re.MULTILINE)]
+  assert min(read_steps) < NUM_WATCHED, read_steps  # read while the trainer was saving
+  assert _losses(outputs["watched"]) == _losses(outputs["alone"])
+  assert len(_losses(outputs["alone"])) == NUM_WATCHED
+  assert (json.loads((watched / f"eval_test_{NUM_WATCHED}.json").read_text()) ==
+          json.loads((tmp_path / "alone" / f"eval_test_{NUM_WATCHED}.json").read_text()))
