@@ -8,7 +8,8 @@ Each step directory is one step of an `orbax.checkpoint.CheckpointManager` and h
   data       the data-iterator state (JSON);
   config     {"gin": operative gin config text} (JSON);
   checksums  {"arrays": {"<item>/<tree path>": 16 hex digits}, "data": sha256,
-             "config": sha256} (JSON): see lm1b.checksum.
+             "config": sha256, "tokenizer": sha256 of the tokenizer model, if given}
+             (JSON): see lm1b.checksum.
 
 A restore verifies the checksums of what it read, so a flipped bit or an overwritten byte
 in an array file (which Orbax and TensorStore read back without complaint) is reported as
@@ -95,6 +96,7 @@ class Restored(NamedTuple):
   config_text: str
   step: int
   damaged: list
+  tokenizer_digest: str | None = None  # None for checkpoints saved without one
 
 
 class ShapeDtype(NamedTuple):
@@ -228,12 +230,14 @@ class Checkpointer:
 
   # -- saving --------------------------------------------------------------------------------
   def save(self, step: int, items: Mapping[str, Any], data_state: Mapping[str, Any],
-           config_text: str, *, force: bool = False) -> bool:
+           config_text: str, *, force: bool = False,
+           tokenizer_digest: str | None = None) -> bool:
     """Starts saving `step` if `should_save(step)` or `force`; returns whether it did.
 
     items: {name: PyTree of jax/numpy arrays}, each saved as its own Orbax item (no typed
     PRNG keys: store jax.random.key_data); names are directory names other than
-    RESERVED_ITEMS. data_state: JSON-serialisable dict. A step that exists is never
+    RESERVED_ITEMS. data_state: JSON-serialisable dict. tokenizer_digest: sha256 hex of
+    the run's tokenizer model, kept in the checksums item. A step that exists is never
     rewritten. Raises CheckpointWriteError if this or an earlier asynchronous save failed.
     """
     self._check_writable("save")
@@ -248,6 +252,8 @@ class Checkpointer:
     record = {"arrays": checksum.tree_checksums(dict(items)),
               "data": checksum.json_digest(data_state),
               "config": checksum.text_digest(config_text)}
+    if tokenizer_digest is not None:
+      record["tokenizer"] = tokenizer_digest
     args = ocp.args.Composite(
         **{name: ocp.args.StandardSave(tree) for name, tree in items.items()},
         **{_DATA: ocp.args.JsonSave(data_state),
@@ -356,7 +362,8 @@ class Checkpointer:
     items = {name: restored[name] for name in abstract_items}
     config = restored[_CONFIG]
     self._verify(step, items, restored[_DATA], config, restored[_CHECKSUMS])
-    return Restored(items, dict(restored[_DATA]), config["gin"], step, [])
+    return Restored(items, dict(restored[_DATA]), config["gin"], step, [],
+                    restored[_CHECKSUMS].get("tokenizer"))
 
   def _verify(self, step: int, items: dict, data_state: Any, config: Any, record: Any) -> None:
     """Raises CorruptCheckpointError unless everything read matches the saved checksums."""

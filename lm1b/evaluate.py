@@ -83,16 +83,17 @@ def describe_result(result: dict) -> str:
 
 
 def evaluate_workdir(workdir: str, *, step: int | None = None, split: str = "test",
-                     output: str | None = None) -> dict:
+                     output: str | None = None, accept_mismatch: bool = False) -> dict:
   """Scores the whole `split` with a workdir's checkpoint; prints and writes the JSON.
 
   gin must hold the workdir's config.gin (lm1b.cli does that). The JSON goes to `output`,
-  by default workdir/eval_<split>_<step>.json.
+  by default workdir/eval_<split>_<step>.json. accept_mismatch: see
+  experiment.load_trained.
   """
   input_config = input_pipeline.InputConfig()
   source = sources.make_source(splits=(split,))
   loaded = experiment.load_trained(workdir, model_lib.ModelConfig(), input_config.seq_len,
-                                   step=step)
+                                   step=step, accept_mismatch=accept_mismatch)
   data = input_pipeline.prepare_data(workdir, source, (split,), tokenizer=loaded.tokenizer)
   index, count = partitioning.batch_shard(loaded.mesh)
   input_config.check_processes(count)

@@ -149,11 +149,13 @@ class TrainedModel:
 
 
 def load_trained(workdir: epath.PathLike, model_config: model_lib.ModelConfig, seq_len: int, *,
-                 step: int | None = None) -> TrainedModel:
+                 step: int | None = None, accept_mismatch: bool = False) -> TrainedModel:
   """The workdir's tokenizer and the parameters of checkpoint `step` (default: the latest
   readable one) on the gin-configured mesh; the optimizer state is never read, and nothing
   in the workdir is written (safe beside a running trainer).
 
+  The workdir's config.gin and tokenizer are compared with the checkpoint's checksummed
+  copies: a difference raises ConfigError (one line), or with accept_mismatch is logged.
   Raises FileNotFoundError when the workdir has no tokenizer or no such checkpoint.
   """
   tokenizer = tokenizer_lib.load_tokenizer(epath.Path(workdir) / tokenizer_lib.MODEL_FILENAME)
@@ -172,6 +174,22 @@ def load_trained(workdir: epath.PathLike, model_config: model_lib.ModelConfig, s
                      restored.step)
     else:
       restored = checkpointer.restore(abstract, step)
+  _check_copies(workdir, checkpointer.step_path(restored.step), restored, tokenizer,
+                accept_mismatch)
   shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract["params"])
   return TrainedModel(model_config, restored.items["params"], shardings, restored.step,
                       tokenizer, mesh)
+
+
+def _check_copies(workdir: epath.PathLike, checkpoint: str, restored: checkpoints.Restored,
+                  tokenizer: tokenizer_lib.Tokenizer, accept: bool) -> None:
+  """ConfigError unless config.gin and the tokenizer match the checkpoint's copies (a warning
+  instead when `accept`)."""
+  problems = workdir_lib.differences_from_checkpoint(
+      workdir, checkpoint, restored.config_text, restored.tokenizer_digest, tokenizer.digest())
+  if not problems:
+    return
+  if not accept:
+    raise ConfigError("; ".join(problems) + "; pass --accept_mismatch to use them anyway")
+  if is_chief():
+    _LOG.warning("%s; used anyway (--accept_mismatch)", "; ".join(problems))

@@ -171,14 +171,16 @@ def sample_text(model_config: ModelConfig, params, tokenizer, prompts, *,
 
 
 def sample_workdir(workdir: str, prompts: list[str], *, step: int | None = None,
-                   max_length: int | None = None, **options) -> tuple[int, list[str]]:
+                   max_length: int | None = None, accept_mismatch: bool = False,
+                   **options) -> tuple[int, list[str]]:
   """(checkpoint step, texts): `sample_text` with a workdir's tokenizer and parameters.
 
   gin must hold the workdir's config.gin. Only the parameters are restored; no data is read.
   max_length defaults to the model's max_len; options go to `sample_text`.
   """
   loaded = experiment.load_trained(workdir, ModelConfig(),
-                                   input_pipeline.InputConfig().seq_len, step=step)
+                                   input_pipeline.InputConfig().seq_len, step=step,
+                                   accept_mismatch=accept_mismatch)
   with partitioning.mesh_context(loaded.mesh):
     texts = sample_text(loaded.model_config, loaded.params, loaded.tokenizer, prompts,
                         max_length=max_length or loaded.model_config.max_len, **options)

@@ -203,6 +203,11 @@ class Trainer:
         moved = self.checkpointer.quarantine([damaged.step for damaged in restored.damaged])
         say(f"{checkpoints.describe_damaged(self.checkpointer.directory, restored.damaged)}: "
             f"moved to {', '.join(moved)}; resuming from step {restored.step}")
+      problems = workdir_lib.differences_from_checkpoint(
+          self.workdir, self.checkpointer.step_path(restored.step), restored.config_text,
+          restored.tokenizer_digest, self.data.tokenizer.digest())
+      if problems:  # e.g. another tokenizer.model: resuming would tokenize differently
+        raise ConfigError("; ".join(problems) + "; restore them or use a new --workdir")
       self.state = experiment.state_from_items(restored.items)
       self.step = restored.step
       self.batches.restore(restored.data_state)
@@ -217,7 +222,8 @@ class Trainer:
     self.drain()
     with self.throughput.untimed():
       started = self.checkpointer.save(self.step, experiment.checkpoint_items(self.state),
-                                       self.data_state, self.config_text, force=force)
+                                       self.data_state, self.config_text, force=force,
+                                       tokenizer_digest=self.data.tokenizer.digest())
     if started:
       _LOG.info("checkpoint for step %d started", self.step)
 

@@ -2,6 +2,7 @@
 (no cleanup, no directory, no lock) and are safe beside a running trainer."""
 
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -12,6 +13,7 @@ import time
 import pytest
 
 from lm1b import cli
+from lm1b import tokenizer as tok
 from test_train import REPO, gin_flags, micro, micro_params, subprocess_env  # noqa: F401
 
 NUM_STEPS = 2
@@ -97,3 +99,67 @@ def test_readers_beside_a_trainer_saving_every_step_change_nothing(micro, tmp_pa
   assert len(_losses(outputs["alone"])) == NUM_WATCHED
   assert (json.loads((watched / f"eval_test_{NUM_WATCHED}.json").read_text()) ==
           json.loads((tmp_path / "alone" / f"eval_test_{NUM_WATCHED}.json").read_text()))
+
+
+def _edit_a_piece(path: pathlib.Path) -> None:
+  """One vocabulary entry of a SentencePiece model changed, the file still loadable."""
+  data = path.read_bytes()
+  tokenizer = tok.load_tokenizer(path)
+  pieces = {tokenizer._sp.id_to_piece(i) for i in range(tokenizer.vocab_size)}  # pylint: disable=protected-access
+  for piece in sorted(pieces, key=len, reverse=True):
+    encoded, edited = piece.encode(), piece[:-1] + "Q"
+    if data.count(encoded) == 1 and edited not in pieces and len(edited.encode()) == len(encoded):
+      path.write_bytes(data.replace(encoded, edited.encode()))
+      return
+  raise AssertionError("no piece to edit")
+
+
+def _error_line(capsys) -> str:
+  errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1, errors
+  return errors[0]
+
+
+def test_readers_refuse_a_config_or_tokenizer_that_differs_from_the_checkpoint(
+    micro, trained, tmp_path, capsys):
+  workdir = tmp_path / "copy"
+  shutil.copytree(trained, workdir)
+  config = workdir / "config.gin"
+  original = config.read_text()
+  config.write_text("".join(line for line in original.splitlines(keepends=True)
+                            if not line.startswith("ModelConfig.block_size")))
+  out = tmp_path / "e.json"
+  assert _read(workdir, out) == (2, 2)
+  captured = capsys.readouterr().err
+  errors = [line for line in captured.splitlines() if line.startswith("error:")]
+  assert len(errors) == 2 and not out.exists()
+  for line in errors:
+    assert f"{config} differs from the copy in checkpoint {workdir}/checkpoints/{NUM_STEPS} " \
+           "(in ModelConfig.block_size)" in line and "--accept_mismatch" in line, line
+  assert cli.eval_main(["--workdir", str(workdir), "--output", str(out),
+                        "--accept_mismatch"]) == 0
+  assert "used anyway (--accept_mismatch)" in capsys.readouterr().err and out.exists()
+  config.write_text(original)
+  _edit_a_piece(workdir / "tokenizer.model")
+  assert cli.sample_main(["--workdir", str(workdir), "--max_length", "8"]) == 2
+  assert f"{workdir / 'tokenizer.model'} differs from the one checkpoint" in _error_line(capsys)
+  params = micro_params(micro[0], num_steps=NUM_STEPS + 1, checkpoint_every=1)
+  assert cli.train_main(["--workdir", str(workdir), *gin_flags(params)]) == 2  # no resume
+  assert f"{workdir / 'tokenizer.model'} differs from the one checkpoint" in _error_line(capsys)
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda text: text.encode()[:-7], "is truncated (it ends inside the line"),
+    (lambda text: b"\xff\xfe" + text.encode(), "is unreadable (not UTF-8"),
+])
+def test_an_unreadable_config_is_named(micro, trained, tmp_path, capsys, damage, message):
+  workdir = tmp_path / "copy"
+  shutil.copytree(trained, workdir)
+  config = workdir / "config.gin"
+  config.write_bytes(damage(config.read_text()))
+  params = micro_params(micro[0], num_steps=NUM_STEPS, checkpoint_every=1)
+  assert cli.train_main(["--workdir", str(workdir), *gin_flags(params)]) == 2
+  assert _error_line(capsys).startswith(f"error: {config} {message}")
+  assert cli.eval_main(["--workdir", str(workdir)]) == 2
+  assert _error_line(capsys).startswith(f"error: {config} {message}")
