@@ -104,8 +104,8 @@ def evaluate_workdir(workdir: str, *, step: int | None = None, split: str = "tes
   result = evaluator.run(loaded.params, batches, step=loaded.step)
   result.update(split=split, mode=input_config.mode, test_set=data.descriptions[split])
   path = output or workdir_lib.eval_json_path(workdir, split, loaded.step)
-  if jax.process_index() == 0:
-    workdir_lib.write_json(path, result)
+  if jax.process_index() == 0 and (note := workdir_lib.write_result(path, result)):
+    say(note)
   say(f"{split} split at step {loaded.step} ({result['test_set']}): {result['sentences']} "
       f"sentences, {result['tokens']} tokens, {describe_result(result)} -> {path}")
   return result

@@ -356,9 +356,9 @@ class Trainer:
       return
     result.final_eval.update(split="test", mode=self.input_config.mode,
                              test_set=self.data.descriptions["test"])
-    if jax.process_index() == 0:
-      workdir_lib.write_json(workdir_lib.eval_json_path(self.workdir, "test", self.step),
-                             result.final_eval)
+    if jax.process_index() == 0 and (note := workdir_lib.write_result(
+        workdir_lib.eval_json_path(self.workdir, "test", self.step), result.final_eval)):
+      say(note)
     result.unigram_perplexity = evaluate.unigram_test_perplexity(
         self.data.splits["train"], self.data.splits["test"], self.model_config.vocab_size)
     say(f"final test per-token perplexity {result.final_eval['per_token_perplexity']:.2f} "

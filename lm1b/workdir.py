@@ -111,6 +111,33 @@ def write_json(path: epath.PathLike, data: dict) -> str:
   return str(path)
 
 
+def write_result(path: epath.PathLike, result: dict) -> str | None:
+  """Writes an evaluation result as JSON (write_json). A file already there that holds a
+  different result (another loss or token count) is kept as <name>.replaced-<n>.json;
+  returns a one-line note saying so, None otherwise."""
+  path = epath.Path(path)
+  note = None
+  if path.exists():
+    try:
+      old = json.loads(path.read_text())
+    except ValueError:
+      old = {}
+    if any(old.get(key) != result.get(key) for key in ("step", "loss", "tokens")):
+      kept = _free_name(path)
+      storage.move_file(path, kept)
+      note = (f"{path} held a different result (step {old.get('step')}, loss "
+              f"{old.get('loss')}); kept as {kept}")
+  write_json(path, result)
+  return note
+
+
+def _free_name(path: epath.Path) -> epath.Path:
+  index = 1
+  while (candidate := path.with_name(f"{path.stem}.replaced-{index}{path.suffix}")).exists():
+    index += 1
+  return candidate
+
+
 def eval_json_path(workdir: epath.PathLike, split: str, step: int) -> str:
   """The default result file of an evaluation: workdir/eval_<split>_<step>.json."""
   return str(epath.Path(workdir) / f"eval_{split}_{step}.json")

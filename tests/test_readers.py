@@ -163,3 +163,33 @@ def test_an_unreadable_config_is_named(micro, trained, tmp_path, capsys, damage,
   assert _error_line(capsys).startswith(f"error: {config} {message}")
   assert cli.eval_main(["--workdir", str(workdir)]) == 2
   assert _error_line(capsys).startswith(f"error: {config} {message}")
+
+
+def test_a_damaged_token_cache_stops_eval_in_one_line_naming_it(micro, trained, capsys):
+  (cache,) = [path for path in (micro[1] / "token_cache").iterdir() if path.is_dir() and
+              json.loads((path / "meta.json").read_text())["split"] == "test"]
+  original = (cache / "tokens.bin").read_bytes()
+  garbled = bytearray(original)
+  garbled[::7] = bytes((b % 200) + 4 for b in garbled[::7])
+  try:
+    (cache / "tokens.bin").write_bytes(bytes(garbled))
+    assert cli.eval_main(["--workdir", str(trained)]) == 1
+    assert _error_line(capsys) == (
+        f"error: token cache {cache} is damaged: tokens.bin does not match its checksum")
+  finally:
+    (cache / "tokens.bin").write_bytes(original)
+
+
+def test_an_eval_result_is_not_replaced_by_a_different_one_silently(trained, tmp_path, capsys):
+  workdir = tmp_path / "copy"
+  shutil.copytree(trained, workdir)
+  path = workdir / f"eval_test_{NUM_STEPS}.json"
+  assert cli.eval_main(["--workdir", str(workdir)]) == 0  # the same result: replaced quietly
+  assert "held a different result" not in capsys.readouterr().out
+  other = dict(json.loads(path.read_text()), loss=1.5)
+  path.write_text(json.dumps(other))
+  assert cli.eval_main(["--workdir", str(workdir)]) == 0
+  kept = workdir / f"eval_test_{NUM_STEPS}.replaced-1.json"
+  assert f"{path} held a different result (step {NUM_STEPS}, loss 1.5); kept as {kept}" in (
+      capsys.readouterr().out)
+  assert json.loads(kept.read_text()) == other and json.loads(path.read_text())["loss"] != 1.5
