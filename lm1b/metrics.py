@@ -24,6 +24,7 @@ else its stub, which reaches gs:// through fsspec), listed and rewritten through
 
 import io
 import itertools
+import logging
 import math
 import os
 import socket
@@ -40,6 +41,7 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 
 from lm1b import storage
 
+_LOG = logging.getLogger(__name__)
 EVENT_FILE_MARK = "tfevents"  # what TensorBoard looks for in an event file's name
 
 
@@ -56,19 +58,38 @@ def drop_events_after(path: str, step: int) -> int:
   """Rewrites the event file `path` without its events whose step is > `step`.
 
   The file is replaced atomically (lm1b.storage.write_bytes_atomic) and only if something is
-  dropped; a truncated last record is dropped too. Returns the number of events dropped.
+  dropped. Bytes that cannot be read as records (a garbled record, a truncated last one) end
+  the readable part: the whole file is first kept under its name with "tfevents" replaced by
+  "damaged" (TensorBoard does not read it), with one warning line, so that no history is lost
+  silently. Returns the number of events dropped.
   """
   records = list(event_file_loader.RawEventFileLoader(path).Load())
   kept = [r for r in records if event_pb2.Event.FromString(r).step <= step]
-  size = epath.Path(path).stat().length
-  if len(kept) == len(records) and size == sum(len(r) + 16 for r in records):
+  size, readable = epath.Path(path).stat().length, sum(len(r) + 16 for r in records)
+  if len(kept) == len(records) and size == readable:
     return 0
+  if size != readable:
+    original = epath.Path(path)  # a name without "tfevents": TensorBoard must not read it
+    copy = _free_name(original.with_name(original.name.replace(EVENT_FILE_MARK, "damaged")))
+    epath.Path(path).copy(copy)
+    _LOG.warning("event file %s is unreadable after byte %d of %d (%d records read); kept as "
+                 "%s, continuing with the records before", path, readable, size, len(records),
+                 copy)
   buffer = io.BytesIO()
   writer = RecordWriter(buffer)
   for record in kept:
     writer.write(record)
   storage.write_bytes_atomic(path, buffer.getvalue())
   return len(records) - len(kept)
+
+
+def _free_name(path: epath.Path) -> epath.Path:
+  """`path`, or `path`-1, -2, ... if taken."""
+  candidate, index = path, 0
+  while candidate.exists():
+    index += 1
+    candidate = path.with_name(f"{path.name}-{index}")
+  return candidate
 
 
 _MAX_LOG = math.log(np.finfo(np.float64).max)

@@ -1,6 +1,7 @@
 """Tests for lm1b.metrics: TensorBoard files read back with tensorboard's reader, console
 line, perplexities."""
 
+import logging
 import math
 import os
 import time
@@ -151,3 +152,21 @@ def test_progress_line():
 def test_format_duration():
   assert metrics.format_duration(3725) == "1:02:05"
   assert metrics.format_duration(float("inf")) == "?"
+
+
+def test_a_garbled_event_file_is_kept_and_the_resume_says_so(tmp_path, caplog):
+  with metrics.MetricWriter(tmp_path) as writer:
+    for step in range(1, 9):
+      writer.scalars(step, {"train/loss": float(step)})
+  (path,) = metrics.event_files(tmp_path)
+  data = bytearray(open(path, "rb").read())
+  middle = len(data) // 2
+  data[middle:middle + 4] = b"\xff\xff\xff\xff"  # one record garbled
+  open(path, "wb").write(bytes(data))
+  with caplog.at_level(logging.WARNING, logger="lm1b.metrics"):
+    metrics.MetricWriter(tmp_path, resume_step=8).close()
+  (record,) = [r for r in caplog.records if r.name == "lm1b.metrics"]
+  kept = os.path.join(tmp_path, os.path.basename(path).replace("tfevents", "damaged"))
+  assert f"event file {path} is unreadable after byte" in record.getMessage()
+  assert kept in record.getMessage() and open(kept, "rb").read() == bytes(data)
+  assert kept not in metrics.event_files(tmp_path)

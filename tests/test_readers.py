@@ -167,7 +167,9 @@ def test_an_unreadable_config_is_named(micro, trained, tmp_path, capsys, damage,
 
 def test_a_damaged_token_cache_stops_eval_in_one_line_naming_it(micro, trained, capsys):
   (cache,) = [path for path in (micro[1] / "token_cache").iterdir() if path.is_dir() and
-              json.loads((path / "meta.json").read_text())["split"] == "test"]
+              json.loads((path / "meta.json").read_text())["split"] == "test" and
+              json.loads((path / "meta.json").read_text())["tokenizer"] == str(
+                  trained / "tokenizer.model")]
   original = (cache / "tokens.bin").read_bytes()
   garbled = bytearray(original)
   garbled[::7] = bytes((b % 200) + 4 for b in garbled[::7])
