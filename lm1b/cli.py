@@ -277,6 +277,19 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
   return _run(run, args.verbose)
 
 
+def _check_sample_flags(args: argparse.Namespace) -> None:
+  """ConfigError naming the first sampling flag out of range (before anything is loaded)."""
+  checks = (("--num_samples", args.num_samples, args.num_samples >= 1, ">= 1"),
+            ("--max_length", args.max_length, args.max_length is None or args.max_length >= 2,
+             ">= 2 (BOS and one token)"),
+            ("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0: greedy)"),
+            ("--top_k", args.top_k, args.top_k >= 0, ">= 0 (0: no limit)"),
+            ("--top_p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"))
+  for flag, value, ok, wanted in checks:
+    if not ok:
+      raise ConfigError(f"{flag} {value} must be {wanted}")
+
+
 def sample_main(argv: Sequence[str] | None = None) -> int:
   """`python sample.py --workdir DIR --prompt TEXT [--prompt ...] [--num_samples N] ...`."""
   parser = _common_parser("Generate text from a trained checkpoint.")
@@ -294,6 +307,7 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(argv)
 
   def run():
+    _check_sample_flags(args)
     parse_gin([_workdir_config(args.workdir)], args.gin_param)
     _setup(args)
     prompts = args.prompt or ["the"]

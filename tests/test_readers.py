@@ -195,3 +195,24 @@ def test_an_eval_result_is_not_replaced_by_a_different_one_silently(trained, tmp
   assert f"{path} held a different result (step {NUM_STEPS}, loss 1.5); kept as {kept}" in (
       capsys.readouterr().out)
   assert json.loads(kept.read_text()) == other and json.loads(path.read_text())["loss"] != 1.5
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num_samples", "0"], "--num_samples 0 must be >= 1"),
+    (["--max_length", "0"], "--max_length 0 must be >= 2"),
+    (["--top_p", "0"], "--top_p 0.0 must be in (0, 1]"),
+    (["--temperature", "-1"], "--temperature -1.0 must be >= 0"),
+    (["--top_k", "5000"], "--top_k 5000 exceeds the vocabulary of 256 pieces"),
+    (["--max_length", "99"], "--max_length 99 exceeds the model's max_len 32"),
+    (["--prompt", "the " * 40], "tokens with BOS, longer than the model's max_len 32 (the "
+                                "default of --max_length)"),
+])
+def test_sample_flags_out_of_range_are_one_line_exit_2(trained, capsys, flags, message):
+  assert cli.sample_main(["--workdir", str(trained), *flags]) == 2
+  assert message in _error_line(capsys)
+
+
+def test_unknown_characters_in_a_prompt_are_warned_about(trained, capsys):
+  assert cli.sample_main(["--workdir", str(trained), "--prompt", "the \u732b",
+                          "--max_length", "8"]) == 0
+  assert "hold characters the tokenizer does not know" in capsys.readouterr().err
