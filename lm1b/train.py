@@ -349,6 +349,8 @@ class Trainer:
     self.checkpointer.wait()
     if self.stop.requested_now():
       result.stopped_by = self.stop.signal_name
+      say(f"{self.stop.signal_name}: saved the final checkpoint at step {self.step}; stopped "
+          "before the final evaluation (eval.py scores it)")
       return
     result.final_eval = self.evaluate(None)
     if result.final_eval is None:
