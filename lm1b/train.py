@@ -54,6 +54,7 @@ from lm1b import sampling
 from lm1b import sources
 from lm1b import steps
 from lm1b import storage
+from lm1b import throughput as throughput_lib
 from lm1b import workdir as workdir_lib
 from lm1b.console import is_chief, say
 from lm1b.errors import ConfigError
@@ -113,51 +114,6 @@ class LoopConfig:
                         "be in [0, 1)")
 
 
-class Throughput:
-  """Real tokens, slots and time of the steps since the last report (compilation excluded)."""
-
-  def __init__(self, slots_per_step: int, flops_per_slot: float, peak_flops: float | None):
-    self.slots_per_step, self.flops_per_slot = slots_per_step, flops_per_slot
-    self.peak_flops = peak_flops
-    self.restart(0)
-
-  def restart(self, step: int) -> None:
-    self.start_step, self.start_time, self.excluded = step, time.perf_counter(), 0.0
-
-  @contextlib.contextmanager
-  def untimed(self) -> Iterator[None]:
-    """Time spent inside (evaluation, samples, checkpoint starts) is not counted."""
-    start = time.perf_counter()
-    try:
-      yield
-    finally:
-      self.excluded += time.perf_counter() - start
-
-  def report(self, step: int, real_tokens: float) -> dict[str, float]:
-    """tokens_per_sec (real), fill, steps_per_sec, step_time_sec and the two MFUs."""
-    steps_done = step - self.start_step
-    elapsed = time.perf_counter() - self.start_time - self.excluded
-    if steps_done <= 0 or elapsed <= 0:
-      return {}
-    slots = steps_done * self.slots_per_step
-    values = {"tokens_per_sec": real_tokens / elapsed, "fill": real_tokens / slots,
-              "steps_per_sec": steps_done / elapsed, "step_time_sec": elapsed / steps_done}
-    if self.peak_flops:
-      values["mfu_real_tokens"] = real_tokens / elapsed * self.flops_per_slot / self.peak_flops
-      values["mfu_all_slots"] = slots / elapsed * self.flops_per_slot / self.peak_flops
-    return values
-
-
-def resolve_peak_flops(configured: float | None, dtype) -> float | None:
-  """Summed peak FLOP/s of all devices: configured per device, else the device-kind table
-  (None where unknown, e.g. on CPU: then no MFU is reported)."""
-  devices = jax.devices()
-  if configured is not None:
-    return configured * len(devices)
-  peaks = [flops.peak_flops(d.device_kind, dtype) for d in devices]
-  return None if any(p is None for p in peaks) else float(sum(peaks))
-
-
 class Trainer:
   """Runs the steps of one train_and_evaluate call; see the module docstring."""
 
@@ -177,10 +133,10 @@ class Trainer:
     self.batches = input_pipeline.train_batches(
         data.splits["train"], input_config, slot=self.slot, process_index=self.shard_index,
         process_count=self.shard_count)
-    self.throughput = Throughput(
+    self.throughput = throughput_lib.Throughput(
         input_config.global_batch * input_config.seq_len,
         flops.flops_per_token_for_config(self.model_config, input_config.seq_len),
-        resolve_peak_flops(loop.peak_flops_per_device, self.model_config.compute_dtype))
+        throughput_lib.resolve_peak_flops(loop.peak_flops_per_device, self.model_config.compute_dtype))
     self.state: experiment.TrainState | None = None
     self.step = 0
     self.data_state = self.batches.state()
