@@ -8,7 +8,8 @@ Each step directory is one step of an `orbax.checkpoint.CheckpointManager` and h
   data       the data-iterator state (JSON);
   config     {"gin": operative gin config text} (JSON);
   checksums  {"arrays": {"<item>/<tree path>": 16 hex digits}, "data": sha256,
-             "config": sha256} (JSON): see lm1b.checksum.
+             "config": sha256, "tokenizer": sha256 of the tokenizer model, if given}
+             (JSON): see lm1b.checksum.
 
 A restore verifies the checksums of what it read, so a flipped bit or an overwritten byte
 in an array file (which Orbax and TensorStore read back without complaint) is reported as
@@ -24,10 +25,8 @@ Errors are one line (CheckpointError and subclasses). Orbax's own log records, w
 tracebacks, are kept off the console unless the `lm1b.checkpoints` logger is at DEBUG.
 """
 
-import functools
 import logging
 import os
-import sys
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
@@ -38,6 +37,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from lm1b import checksum
+from lm1b import orbax_quiet
 from lm1b import storage
 
 _LOG = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ _DATA, _CONFIG, _CHECKSUMS = "data", "config", "checksums"
 RESERVED_ITEMS = (_DATA, _CONFIG, _CHECKSUMS)
 CORRUPT_DIR = "corrupt"
 _MAX_LISTED = 4
+_RELIST_ATTEMPTS = 3
 
 
 class CheckpointError(Exception):
@@ -77,6 +78,13 @@ class Damaged(NamedTuple):
   reason: str
 
 
+def describe_damaged(directory: str, damaged: Sequence[Damaged]) -> str:
+  """One line naming the damaged steps of `directory` and why, e.g. 'checkpoint
+  /w/checkpoints/40 is damaged (params metadata: ...)'."""
+  return "; ".join(f"checkpoint {epath.Path(directory) / str(d.step)} is damaged ({d.reason})"
+                   for d in damaged)
+
+
 class Restored(NamedTuple):
   """What `Checkpointer.restore` returns.
 
@@ -88,6 +96,7 @@ class Restored(NamedTuple):
   config_text: str
   step: int
   damaged: list
+  tokenizer_digest: str | None = None  # None for checkpoints saved without one
 
 
 class ShapeDtype(NamedTuple):
@@ -126,45 +135,6 @@ def _is_chief() -> bool:
   return jax.process_index() == 0
 
 
-# -- keeping Orbax's diagnostics off the console -------------------------------------------------
-_ORBAX_DIR = os.path.dirname(os.path.abspath(ocp.__file__))
-
-
-class _OrbaxRecordFilter(logging.Filter):
-  """Drops log records emitted from Orbax's sources unless lm1b.checkpoints is at DEBUG.
-
-  Our own one-line errors say what failed; Orbax logs each failure again with tracebacks.
-  """
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return not record.pathname.startswith(_ORBAX_DIR) or _LOG.isEnabledFor(logging.DEBUG)
-
-
-def _is_abandoned_orbax_read(unraisable: Any) -> bool:
-  """After a failed restore Orbax closes its event loop while TensorStore reads are still
-  pending: their completion callbacks fail with 'Event loop is closed', and their
-  coroutines, closed later by the garbage collector, raise from Orbax's error wrapper.
-  Both are harmless and reach only sys.unraisablehook."""
-  value = unraisable.exc_value
-  if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
-    return True
-  code = getattr(unraisable.object, "cr_code", None)
-  return code is not None and code.co_filename.startswith(_ORBAX_DIR)
-
-
-@functools.cache
-def _quiet_orbax() -> None:
-  """Installs the record filter and the unraisable-exception filter (once per process)."""
-  logging.getLogger("absl").addFilter(_OrbaxRecordFilter())
-  previous_hook = sys.unraisablehook
-
-  def hook(unraisable):
-    if not _is_abandoned_orbax_read(unraisable):
-      previous_hook(unraisable)
-
-  sys.unraisablehook = hook
-
-
 # -- the checkpointer ----------------------------------------------------------------------------
 def _shapes(tree: Any) -> dict[str, ShapeDtype]:
   """{tree path: (shape, dtype)} of the leaves of an abstract or metadata tree."""
@@ -201,24 +171,35 @@ class Checkpointer:
 
   Every method must be called on every process (Orbax and the checksums synchronise the
   hosts); process 0 alone logs and moves directories.
+
+  read_only=True is for tools that read a run (eval.py, sample.py), possibly beside a running
+  trainer: nothing is created, cleaned (the trainer's `*.orbax-checkpoint-tmp` directories
+  stay), deleted or moved; save and quarantine refuse. A step that disappears while it is
+  read (the trainer's retention deleted it) is skipped as gone, not reported as damaged.
   """
 
   def __init__(self, directory: str | os.PathLike, *, keep: int = 3,
-               save_every: int = 1000, async_save: bool = True):
+               save_every: int = 1000, async_save: bool = True, read_only: bool = False):
     if keep < 1:
       raise ValueError(f"Checkpointer keep={keep} must be >= 1")
     if save_every < 1:
       raise ValueError(f"Checkpointer save_every={save_every} must be >= 1")
-    _quiet_orbax()
+    orbax_quiet.install()
     self.directory = storage.resolve(directory)  # local (absolute) or gs://
     self.save_every = save_every
+    self.read_only = read_only
     self._saving_step: int | None = None
     self._unchecked_save = False  # a save started whose outcome nobody has looked at yet
     options = ocp.CheckpointManagerOptions(
-        preservation_policy=checkpoint_managers.LatestN(n=keep),
-        enable_async_checkpointing=async_save,
-        create=True,
-        cleanup_tmp_directories=True,
+        preservation_policy=None if read_only else checkpoint_managers.LatestN(n=keep),
+        enable_async_checkpointing=async_save and not read_only,
+        create=not read_only,
+        cleanup_tmp_directories=not read_only,
+        read_only=read_only,
+        # Readers list steps without reading each step's metadata: beside a trainer, a step
+        # may be deleted between the listing and that read.
+        lightweight_initialize=read_only,
+        save_interval_steps=0 if read_only else 1,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._metadata_handler = ocp.StandardCheckpointHandler()
@@ -249,14 +230,17 @@ class Checkpointer:
 
   # -- saving --------------------------------------------------------------------------------
   def save(self, step: int, items: Mapping[str, Any], data_state: Mapping[str, Any],
-           config_text: str, *, force: bool = False) -> bool:
+           config_text: str, *, force: bool = False,
+           tokenizer_digest: str | None = None) -> bool:
     """Starts saving `step` if `should_save(step)` or `force`; returns whether it did.
 
     items: {name: PyTree of jax/numpy arrays}, each saved as its own Orbax item (no typed
     PRNG keys: store jax.random.key_data); names are directory names other than
-    RESERVED_ITEMS. data_state: JSON-serialisable dict. A step that exists is never
+    RESERVED_ITEMS. data_state: JSON-serialisable dict. tokenizer_digest: sha256 hex of
+    the run's tokenizer model, kept in the checksums item. A step that exists is never
     rewritten. Raises CheckpointWriteError if this or an earlier asynchronous save failed.
     """
+    self._check_writable("save")
     if step in self.all_steps() or not (force or self.should_save(step)):
       return False
     self.wait()  # Orbax would wait for the previous save too; this names its step if it failed
@@ -268,6 +252,8 @@ class Checkpointer:
     record = {"arrays": checksum.tree_checksums(dict(items)),
               "data": checksum.json_digest(data_state),
               "config": checksum.text_digest(config_text)}
+    if tokenizer_digest is not None:
+      record["tokenizer"] = tokenizer_digest
     args = ocp.args.Composite(
         **{name: ocp.args.StandardSave(tree) for name, tree in items.items()},
         **{_DATA: ocp.args.JsonSave(data_state),
@@ -278,6 +264,10 @@ class Checkpointer:
       return bool(self._manager.save(step, args=args, force=True))
     except Exception as error:  # pylint: disable=broad-except
       raise self._write_error(error) from error
+
+  def _check_writable(self, what: str) -> None:
+    if self.read_only:
+      raise CheckpointError(f"cannot {what} in {self.directory}: opened read-only")
 
   def _write_error(self, error: BaseException) -> CheckpointWriteError:
     self._manager.reload()
@@ -310,7 +300,10 @@ class Checkpointer:
     """{tree path: (shape, dtype)} of one saved item, from its metadata file only."""
     path = self._manager.directory / str(step) / item  # an etils.epath.Path
     if not path.is_dir():
-      present = sorted(p.name for p in path.parent.iterdir() if p.is_dir())
+      try:
+        present = sorted(p.name for p in path.parent.iterdir() if p.is_dir())
+      except FileNotFoundError:  # the whole step went meanwhile (see _gone)
+        present = []
       raise CorruptCheckpointError(self.step_path(step),
                                    f"no item {item!r} (has {', '.join(present) or 'none'})")
     try:
@@ -320,13 +313,24 @@ class Checkpointer:
                                    f"{item} metadata: {summarize_error(error)}") from error
     return _shapes(getattr(metadata, "tree", metadata))
 
-  def check_compatible(self, abstract_items: Mapping[str, Any], step: int | None = None) -> None:
-    """Compares shapes and dtypes with the checkpoint's metadata (no array data is read).
+  def check_compatible(self, abstract_items: Mapping[str, Any],
+                       step: int | None = None) -> int | None:
+    """Compares shapes and dtypes with a checkpoint's metadata (no array data is read).
 
-    abstract_items: {name: PyTree of objects with .shape and .dtype}. Raises
-    CheckpointMismatchError listing the differing tree paths, CorruptCheckpointError if the
-    metadata is unreadable, NoCheckpointError if there is no such step (default: latest).
+    abstract_items: {name: PyTree of objects with .shape and .dtype}. step None: the newest
+    step whose metadata can be read (damaged steps are left to restore_latest_valid);
+    returns the step compared, None if no step's metadata is readable. Raises
+    CheckpointMismatchError listing the differing tree paths; for an explicit step,
+    CorruptCheckpointError if its metadata is unreadable and NoCheckpointError if it does
+    not exist.
     """
+    if step is None:
+      for candidate in reversed(self.all_steps()):
+        try:
+          return self.check_compatible(abstract_items, candidate)
+        except CorruptCheckpointError:
+          continue
+      return None
     step = self._existing_step(step)
     problems = []
     for item, abstract in abstract_items.items():
@@ -335,6 +339,7 @@ class Checkpointer:
       raise CheckpointMismatchError(
           f"checkpoint {self.step_path(step)} does not match the configured model: "
           f"{_listing(problems)}")
+    return step
 
   def restore(self, abstract_items: Mapping[str, Any], step: int | None = None) -> Restored:
     """Restores only the given items of `step` (default: latest) and verifies them.
@@ -357,7 +362,8 @@ class Checkpointer:
     items = {name: restored[name] for name in abstract_items}
     config = restored[_CONFIG]
     self._verify(step, items, restored[_DATA], config, restored[_CHECKSUMS])
-    return Restored(items, dict(restored[_DATA]), config["gin"], step, [])
+    return Restored(items, dict(restored[_DATA]), config["gin"], step, [],
+                    restored[_CHECKSUMS].get("tokenizer"))
 
   def _verify(self, step: int, items: dict, data_state: Any, config: Any, record: Any) -> None:
     """Raises CorruptCheckpointError unless everything read matches the saved checksums."""
@@ -380,24 +386,38 @@ class Checkpointer:
   def restore_latest_valid(self, abstract_items: Mapping[str, Any]) -> Restored | None:
     """The newest step that restores and verifies, or None if there is no step at all.
 
-    Each damaged newer step is logged in one line (process 0) and listed in
-    Restored.damaged. Raises CorruptCheckpointError if every step is damaged, and
-    CheckpointMismatchError at once if the shapes differ (a configuration problem).
+    Whatever makes a step unreadable (array data, metadata, OCDBT manifest, the JSON items,
+    a checksum mismatch) makes it damaged: it is skipped, listed in Restored.damaged and
+    left in place (see `quarantine`, `describe_damaged`). Raises CorruptCheckpointError if
+    every step is damaged, and CheckpointMismatchError at once if the shapes differ (a
+    configuration problem).
     """
     self.wait()
-    damaged = []
-    for step in reversed(self.all_steps()):
+    damaged, tried = [], set()
+    while untried := sorted(set(self.all_steps()) - tried):
+      step = untried[-1]
+      tried.add(step)
       try:
         return self.restore(abstract_items, step)._replace(damaged=damaged)
       except CorruptCheckpointError as error:
-        damaged.append(Damaged(step, error.reason))
-        if _is_chief():
-          _LOG.error("%s; trying an older step", error)
+        if not self._gone(step):
+          damaged.append(Damaged(step, error.reason))
     if damaged:
       raise CorruptCheckpointError(
           self.directory, "every step is damaged: " + _listing(
               [f"step {d.step}: {d.reason}" for d in damaged]))
     return None
+
+  def _gone(self, step: int) -> bool:
+    """Re-lists the steps (newer ones may have appeared too); True if `step` is no longer
+    there: deleted while it was read, not damaged."""
+    for _ in range(_RELIST_ATTEMPTS):
+      try:
+        self._manager.reload()
+        break
+      except FileNotFoundError:  # a step deleted while Orbax read its metadata: list again
+        continue
+    return step not in self.all_steps()
 
   # -- damaged steps -------------------------------------------------------------------------
   def quarantine(self, steps: Sequence[int]) -> list[str]:
@@ -407,6 +427,7 @@ class Checkpointer:
     process sees the new step list, and the steps' numbers can be saved again. Returns the
     new paths (on process 0; empty elsewhere).
     """
+    self._check_writable("move damaged steps aside")
     self.wait()
     moved = []
     if _is_chief():
@@ -414,7 +435,6 @@ class Checkpointer:
         source = epath.Path(self.step_path(step))
         if source.is_dir():
           moved.append(self._move_aside(source, str(step)))
-          _LOG.warning("moved damaged checkpoint %s to %s", source, moved[-1])
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("lm1b.checkpoints.quarantine")
     self._manager.reload()

@@ -89,6 +89,15 @@ def parse_gin(files: Sequence[str], params: Sequence[str]) -> None:
     raise ConfigError(f"gin configuration error: {_one_line(error)}") from error
 
 
+def _add_reader_flags(parser: argparse.ArgumentParser) -> None:
+  """Flags shared by eval.py and sample.py."""
+  parser.add_argument("--step", type=int, default=None,
+                      help="checkpoint step (default: latest readable)")
+  parser.add_argument("--accept_mismatch", action="store_true",
+                      help="use WORKDIR/config.gin and tokenizer.model even where they differ "
+                           "from the checkpoint's checksummed copies")
+
+
 def _common_parser(description: str) -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--workdir", default="./workdir",
@@ -174,6 +183,7 @@ def _workdir_config(workdir: str) -> str:
   path = epath.Path(workdir) / workdir_lib.CONFIG_FILE
   if not path.is_file():
     raise ConfigError(f"{path} not found: is --workdir a training run directory?")
+  workdir_lib.read_config(workdir)  # names the file if it is not UTF-8 or truncated
   return str(path)
 
 
@@ -250,8 +260,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 def eval_main(argv: Sequence[str] | None = None) -> int:
   """`python eval.py --workdir DIR [--step S] [--split test] [--output F] [--gin_param P]...`."""
   parser = _common_parser("Score a split with a trained checkpoint (whole split).")
-  parser.add_argument("--step", type=int, default=None,
-                      help="checkpoint step (default: latest readable)")
+  _add_reader_flags(parser)
   parser.add_argument("--split", default="test", choices=("test", "train"))
   parser.add_argument("--output", default=None,
                       help="result JSON path (default WORKDIR/eval_<split>_<step>.json); its "
@@ -263,9 +272,22 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     parse_gin([_workdir_config(args.workdir)], args.gin_param)
     _setup(args)
     evaluate.evaluate_workdir(args.workdir, step=args.step, split=args.split,
-                              output=args.output)
+                              output=args.output, accept_mismatch=args.accept_mismatch)
 
   return _run(run, args.verbose)
+
+
+def _check_sample_flags(args: argparse.Namespace) -> None:
+  """ConfigError naming the first sampling flag out of range (before anything is loaded)."""
+  checks = (("--num_samples", args.num_samples, args.num_samples >= 1, ">= 1"),
+            ("--max_length", args.max_length, args.max_length is None or args.max_length >= 2,
+             ">= 2 (BOS and one token)"),
+            ("--temperature", args.temperature, args.temperature >= 0, ">= 0 (0: greedy)"),
+            ("--top_k", args.top_k, args.top_k >= 0, ">= 0 (0: no limit)"),
+            ("--top_p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"))
+  for flag, value, ok, wanted in checks:
+    if not ok:
+      raise ConfigError(f"{flag} {value} must be {wanted}")
 
 
 def sample_main(argv: Sequence[str] | None = None) -> int:
@@ -281,18 +303,18 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--top_k", type=int, default=0, help="0 disables top-k")
   parser.add_argument("--top_p", type=float, default=1.0, help="1.0 disables nucleus")
   parser.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
-  parser.add_argument("--step", type=int, default=None,
-                      help="checkpoint step (default: latest readable)")
+  _add_reader_flags(parser)
   args = parser.parse_args(argv)
 
   def run():
+    _check_sample_flags(args)
     parse_gin([_workdir_config(args.workdir)], args.gin_param)
     _setup(args)
     prompts = args.prompt or ["the"]
     step, texts = sampling.sample_workdir(
         args.workdir, prompts, step=args.step, seed=args.seed, num_samples=args.num_samples,
         max_length=args.max_length, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p)
+        top_p=args.top_p, accept_mismatch=args.accept_mismatch)
     print(f"# step {step}, seed {args.seed}", flush=True)
     for index, text in enumerate(texts):
       print(f"[{prompts[index // args.num_samples]}] {text}", flush=True)

@@ -83,16 +83,17 @@ def describe_result(result: dict) -> str:
 
 
 def evaluate_workdir(workdir: str, *, step: int | None = None, split: str = "test",
-                     output: str | None = None) -> dict:
+                     output: str | None = None, accept_mismatch: bool = False) -> dict:
   """Scores the whole `split` with a workdir's checkpoint; prints and writes the JSON.
 
   gin must hold the workdir's config.gin (lm1b.cli does that). The JSON goes to `output`,
-  by default workdir/eval_<split>_<step>.json.
+  by default workdir/eval_<split>_<step>.json. accept_mismatch: see
+  experiment.load_trained.
   """
   input_config = input_pipeline.InputConfig()
   source = sources.make_source(splits=(split,))
   loaded = experiment.load_trained(workdir, model_lib.ModelConfig(), input_config.seq_len,
-                                   step=step)
+                                   step=step, accept_mismatch=accept_mismatch)
   data = input_pipeline.prepare_data(workdir, source, (split,), tokenizer=loaded.tokenizer)
   index, count = partitioning.batch_shard(loaded.mesh)
   input_config.check_processes(count)
@@ -103,8 +104,8 @@ def evaluate_workdir(workdir: str, *, step: int | None = None, split: str = "tes
   result = evaluator.run(loaded.params, batches, step=loaded.step)
   result.update(split=split, mode=input_config.mode, test_set=data.descriptions[split])
   path = output or workdir_lib.eval_json_path(workdir, split, loaded.step)
-  if jax.process_index() == 0:
-    workdir_lib.write_json(path, result)
+  if jax.process_index() == 0 and (note := workdir_lib.write_result(path, result)):
+    say(note)
   say(f"{split} split at step {loaded.step} ({result['test_set']}): {result['sentences']} "
       f"sentences, {result['tokens']} tokens, {describe_result(result)} -> {path}")
   return result

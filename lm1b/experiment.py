@@ -31,6 +31,7 @@ from lm1b import optim
 from lm1b import partitioning
 from lm1b import tokenizer as tokenizer_lib
 from lm1b import workdir as workdir_lib
+from lm1b.console import is_chief
 from lm1b.errors import ConfigError
 
 _LOG = logging.getLogger(__name__)
@@ -148,10 +149,13 @@ class TrainedModel:
 
 
 def load_trained(workdir: epath.PathLike, model_config: model_lib.ModelConfig, seq_len: int, *,
-                 step: int | None = None) -> TrainedModel:
+                 step: int | None = None, accept_mismatch: bool = False) -> TrainedModel:
   """The workdir's tokenizer and the parameters of checkpoint `step` (default: the latest
-  readable one) on the gin-configured mesh; the optimizer state is never read.
+  readable one) on the gin-configured mesh; the optimizer state is never read, and nothing
+  in the workdir is written (safe beside a running trainer).
 
+  The workdir's config.gin and tokenizer are compared with the checkpoint's checksummed
+  copies: a difference raises ConfigError (one line), or with accept_mismatch is logged.
   Raises FileNotFoundError when the workdir has no tokenizer or no such checkpoint.
   """
   tokenizer = tokenizer_lib.load_tokenizer(epath.Path(workdir) / tokenizer_lib.MODEL_FILENAME)
@@ -159,13 +163,33 @@ def load_trained(workdir: epath.PathLike, model_config: model_lib.ModelConfig, s
   mesh = partitioning.make_mesh()
   abstract = {"params": abstract_params(model_config, mesh)}
   with checkpoints.Checkpointer(epath.Path(workdir) / workdir_lib.CHECKPOINT_DIR,
-                                async_save=False) as checkpointer:
+                                read_only=True) as checkpointer:
     if step is None:
       restored = checkpointer.restore_latest_valid(abstract)
       if restored is None:
         raise FileNotFoundError(f"no checkpoint in {checkpointer.directory}")
+      if restored.damaged and is_chief():  # stderr: sample.py's stdout is the samples
+        _LOG.warning("%s; using step %d (left in place; train.py moves damaged steps aside)",
+                     checkpoints.describe_damaged(checkpointer.directory, restored.damaged),
+                     restored.step)
     else:
       restored = checkpointer.restore(abstract, step)
+  _check_copies(workdir, checkpointer.step_path(restored.step), restored, tokenizer,
+                accept_mismatch)
   shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract["params"])
   return TrainedModel(model_config, restored.items["params"], shardings, restored.step,
                       tokenizer, mesh)
+
+
+def _check_copies(workdir: epath.PathLike, checkpoint: str, restored: checkpoints.Restored,
+                  tokenizer: tokenizer_lib.Tokenizer, accept: bool) -> None:
+  """ConfigError unless config.gin and the tokenizer match the checkpoint's copies (a warning
+  instead when `accept`)."""
+  problems = workdir_lib.differences_from_checkpoint(
+      workdir, checkpoint, restored.config_text, restored.tokenizer_digest, tokenizer.digest())
+  if not problems:
+    return
+  if not accept:
+    raise ConfigError("; ".join(problems) + "; pass --accept_mismatch to use them anyway")
+  if is_chief():
+    _LOG.warning("%s; used anyway (--accept_mismatch)", "; ".join(problems))

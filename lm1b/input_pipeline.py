@@ -103,11 +103,15 @@ def prepare_data(workdir: epath.PathLike, source: sources.SentenceSource,
                  tokenizer: tokenizer_lib.Tokenizer | None = None) -> PreparedData:
   """Tokenizer and token caches of `splits`, all ready when this returns (see module doc).
 
-  tokenizer: an already loaded tokenizer (evaluation) instead of the workdir's.
+  tokenizer: an already loaded tokenizer (evaluation) instead of the workdir's; then a
+  damaged token cache is reported (CorruptTokenCacheError), while training (no tokenizer
+  given) moves it aside and rebuilds it.
   """
+  rebuild_damaged = tokenizer is None
   if tokenizer is None:
     tokenizer = prepare_tokenizer(workdir, source, is_chief=is_chief)
-  tokenized = {split: token_cache.load_or_build_tokenized(source, split, tokenizer)
+  tokenized = {split: token_cache.load_or_build_tokenized(source, split, tokenizer,
+                                                          rebuild_damaged=rebuild_damaged)
                for split in splits}
   descriptions = {split: f"{source.describe(split)} ({len(tokenized[split])} sentences)"
                   for split in splits}

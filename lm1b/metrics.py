@@ -22,11 +22,14 @@ every flush. Event files are read with tensorboard's loader (TensorFlow's gfile 
 else its stub, which reaches gs:// through fsspec), listed and rewritten through etils.epath.
 """
 
+import functools
 import io
 import itertools
+import logging
 import math
 import os
 import socket
+import threading
 import time
 from typing import Mapping
 
@@ -35,11 +38,13 @@ from etils import epath
 from tensorboard.backend.event_processing import event_file_loader
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.text import summary_v2 as text_summary
+from tensorboard.summary.writer import event_file_writer
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tensorboard.summary.writer.record_writer import RecordWriter
 
 from lm1b import storage
 
+_LOG = logging.getLogger(__name__)
 EVENT_FILE_MARK = "tfevents"  # what TensorBoard looks for in an event file's name
 
 
@@ -56,19 +61,38 @@ def drop_events_after(path: str, step: int) -> int:
   """Rewrites the event file `path` without its events whose step is > `step`.
 
   The file is replaced atomically (lm1b.storage.write_bytes_atomic) and only if something is
-  dropped; a truncated last record is dropped too. Returns the number of events dropped.
+  dropped. Bytes that cannot be read as records (a garbled record, a truncated last one) end
+  the readable part: the whole file is first kept under its name with "tfevents" replaced by
+  "damaged" (TensorBoard does not read it), with one warning line, so that no history is lost
+  silently. Returns the number of events dropped.
   """
   records = list(event_file_loader.RawEventFileLoader(path).Load())
   kept = [r for r in records if event_pb2.Event.FromString(r).step <= step]
-  size = epath.Path(path).stat().length
-  if len(kept) == len(records) and size == sum(len(r) + 16 for r in records):
+  size, readable = epath.Path(path).stat().length, sum(len(r) + 16 for r in records)
+  if len(kept) == len(records) and size == readable:
     return 0
+  if size != readable:
+    original = epath.Path(path)  # a name without "tfevents": TensorBoard must not read it
+    copy = _free_name(original.with_name(original.name.replace(EVENT_FILE_MARK, "damaged")))
+    epath.Path(path).copy(copy)
+    _LOG.warning("event file %s is unreadable after byte %d of %d (%d records read); kept as "
+                 "%s, continuing with the records before", path, readable, size, len(records),
+                 copy)
   buffer = io.BytesIO()
   writer = RecordWriter(buffer)
   for record in kept:
     writer.write(record)
   storage.write_bytes_atomic(path, buffer.getvalue())
   return len(records) - len(kept)
+
+
+def _free_name(path: epath.Path) -> epath.Path:
+  """`path`, or `path`-1, -2, ... if taken."""
+  candidate, index = path, 0
+  while candidate.exists():
+    index += 1
+    candidate = path.with_name(f"{path.name}-{index}")
+  return candidate
 
 
 _MAX_LOG = math.log(np.finfo(np.float64).max)
@@ -115,33 +139,65 @@ class MetricWriter:
   resume_step: the step the run continues from (0 for a fresh start) when earlier processes
   may have written to `logdir`: their events after it are removed (see the module
   docstring); None leaves existing files alone.
+
+  Metrics are not worth a run: a failed write (a full or unwritable disk, in the writer's
+  thread or here) is logged once and never raised; the next write retries with a new event
+  file, and the events queued in the failed one are lost.
   """
 
   def __init__(self, logdir: epath.PathLike, *, enabled: bool = True,
                resume_step: int | None = None):
     self.logdir = os.fspath(logdir)
+    self.enabled = enabled
     self._writer = None
+    self._failed = False  # the last write failed: the next one opens a new file
+    self._warned = False
     if not enabled:
       return
     if resume_step is not None:
       for path in event_files(self.logdir):
         drop_events_after(path, resume_step)
-    if storage.is_remote(self.logdir):
-      self._writer = ObjectEventFile(self.logdir, flush_secs=30)
-    else:
-      self._writer = EventFileWriter(self.logdir, flush_secs=30)
+    self._guarded(self._open)
     if resume_step is not None:
-      self._writer.add_event(event_pb2.Event(
+      self._add(event_pb2.Event(
           wall_time=time.time(), step=resume_step + 1,
           session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
-  @property
-  def enabled(self) -> bool:
-    return self._writer is not None
+  def _open(self) -> None:
+    _quiet_writer_threads()
+    self._writer = (ObjectEventFile(self.logdir, flush_secs=30)
+                    if storage.is_remote(self.logdir)
+                    else EventFileWriter(self.logdir, flush_secs=30))
+
+  def _guarded(self, action) -> None:
+    """Runs a write; a failure is logged (the first one only) and leaves the writer closed."""
+    try:
+      action()
+      self._failed = False
+    except Exception as error:  # pylint: disable=broad-except
+      self._failed = True
+      if not self._warned:
+        self._warned = True
+        _LOG.warning("TensorBoard write to %s failed (%s: %s); training goes on, metrics are "
+                     "retried at the next write (said once)", self.logdir,
+                     type(error).__name__, error)
+      writer, self._writer = self._writer, None
+      if writer is not None:
+        try:
+          writer.close()
+        except Exception:  # pylint: disable=broad-except
+          pass
+
+  def _add(self, event: event_pb2.Event) -> None:
+    def add():
+      if self._writer is None:
+        self._open()
+      self._writer.add_event(event)
+    if self.enabled:
+      self._guarded(add)
 
   def _write(self, step: int, summary: summary_pb2.Summary) -> None:
-    event = event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
-    self._writer.add_event(event)
+    self._add(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     """One scalar per tag; values may be Python, numpy or 0-d jax numbers."""
@@ -157,19 +213,33 @@ class MetricWriter:
       self._write(step, text_summary.text_pb(tag, text))
 
   def flush(self) -> None:
-    if self.enabled:
-      self._writer.flush()
+    if self.enabled and self._writer is not None:
+      self._guarded(self._writer.flush)
 
   def close(self) -> None:
-    if self.enabled:
-      self._writer.close()
-      self._writer = None
+    """Flushes and closes; later writes are no-ops."""
+    if self.enabled and self._writer is not None:
+      self._guarded(self._writer.close)
+    self._writer, self.enabled = None, False
 
   def __enter__(self) -> "MetricWriter":
     return self
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+@functools.cache
+def _quiet_writer_threads() -> None:
+  """tensorboard's writer thread re-raises its failure, which threading prints as a
+  traceback; MetricWriter reports it in one line instead (once per process)."""
+  previous = threading.excepthook
+
+  def hook(args):
+    if not isinstance(args.thread, event_file_writer._AsyncWriterThread):  # pylint: disable=protected-access
+      previous(args)
+
+  threading.excepthook = hook
 
 
 def perplexity(loss: float) -> float:

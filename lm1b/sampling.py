@@ -9,6 +9,7 @@ PAD; the loop stops once every row has finished or the buffer is full.
 """
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,9 @@ import numpy as np
 from lm1b import experiment
 from lm1b import input_pipeline
 from lm1b import partitioning
+from lm1b.errors import ConfigError
 from lm1b.model import DecoderLM, ModelConfig
-from lm1b.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from lm1b.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 
 def filter_logits(logits, *, temperature, top_k: int, top_p):
@@ -171,15 +173,43 @@ def sample_text(model_config: ModelConfig, params, tokenizer, prompts, *,
 
 
 def sample_workdir(workdir: str, prompts: list[str], *, step: int | None = None,
-                   max_length: int | None = None, **options) -> tuple[int, list[str]]:
+                   max_length: int | None = None, accept_mismatch: bool = False,
+                   **options) -> tuple[int, list[str]]:
   """(checkpoint step, texts): `sample_text` with a workdir's tokenizer and parameters.
 
   gin must hold the workdir's config.gin. Only the parameters are restored; no data is read.
   max_length defaults to the model's max_len; options go to `sample_text`.
   """
   loaded = experiment.load_trained(workdir, ModelConfig(),
-                                   input_pipeline.InputConfig().seq_len, step=step)
+                                   input_pipeline.InputConfig().seq_len, step=step,
+                                   accept_mismatch=accept_mismatch)
+  _check_fits(loaded, prompts, max_length, options.get("top_k", 0))
   with partitioning.mesh_context(loaded.mesh):
     texts = sample_text(loaded.model_config, loaded.params, loaded.tokenizer, prompts,
                         max_length=max_length or loaded.model_config.max_len, **options)
   return loaded.step, texts
+
+
+def _check_fits(loaded: experiment.TrainedModel, prompts: list[str], max_length: int | None,
+                top_k: int) -> None:
+  """ConfigError when --top_k exceeds the vocabulary, --max_length the model's max_len, or a
+  prompt (with BOS) the length to generate; the message names the flag the user gave (or
+  the default). Prompts with characters the tokenizer does not know are warned about."""
+  limit = loaded.model_config.max_len
+  if top_k > loaded.model_config.vocab_size:
+    raise ConfigError(f"--top_k {top_k} exceeds the vocabulary of "
+                      f"{loaded.model_config.vocab_size} pieces")
+  if max_length is not None and max_length > limit:
+    raise ConfigError(f"--max_length {max_length} exceeds the model's max_len {limit}")
+  length = max_length or limit
+  encoded = loaded.tokenizer.encode_batch(prompts)
+  unknown = [prompt for prompt, ids in zip(prompts, encoded) if UNK_ID in ids]
+  if unknown:
+    logging.warning("prompt(s) %s hold characters the tokenizer does not know; they are "
+                    "read as <unk> and print as \u2047", ", ".join(map(repr, unknown)))
+  for prompt, ids in zip(prompts, encoded):
+    if len(ids) + 1 > length:
+      named = (f"--max_length {max_length}" if max_length else
+               f"the model's max_len {limit} (the default of --max_length)")
+      raise ConfigError(f"--prompt {prompt[:40]!r} is {len(ids) + 1} tokens with BOS, longer "
+                        f"than {named}")

@@ -114,6 +114,16 @@ def move_tree(source: epath.PathLike, target: epath.PathLike) -> None:
   source.rmtree()
 
 
+def move_file(source: epath.PathLike, target: epath.PathLike) -> None:
+  """Moves one file (a rename locally; a copy then a delete on gs://)."""
+  source, target = epath.Path(source), epath.Path(target)
+  if is_remote(source):
+    source.copy(target)
+    source.unlink()
+  else:
+    source.rename(target)
+
+
 def _files(directory: epath.Path) -> Iterator[epath.Path]:
   """Every file below `directory`, recursively."""
   for child in directory.iterdir():

@@ -6,7 +6,14 @@ fingerprint, the split name, the tokenizer model bytes and FORMAT_VERSION):
                concatenated, no BOS/EOS
   offsets.npy  int64 [n + 1]; sentence i is tokens[offsets[i]:offsets[i + 1]]
   words.npy    int32 [n]; whitespace-separated words of sentence i, + 1 for the end of sentence
-  meta.json    counts, dtype, source name, split, build time
+  meta.json    counts, dtype, source name, split, build time, the largest id and the sha256
+               of each of the three array files
+
+Opening a cache verifies it (`load_cache`): file sizes against meta.json, each file's sha256
+(streamed, see README for the cost), and the largest id against the tokenizer's vocabulary.
+A damaged cache raises CorruptTokenCacheError naming its directory; training moves it aside
+(`<key>.corrupt-<n>`) and rebuilds it (`rebuild_damaged=True`), evaluation reports it.
+Caches of FORMAT_VERSION 1 (no checksums) are not used: the version is part of the key.
 
 A cache is built in a temporary sibling directory and renamed into place when complete, so a
 failed or interrupted build leaves no partial cache and an existing cache is never overwritten.
@@ -32,9 +39,19 @@ import numpy as np
 from lm1b import paths
 from lm1b.workdir_lock import WorkdirLock
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums and the largest id in meta.json
+CHECKSUMMED_FILES = ("tokens.bin", "offsets.npy", "words.npy")
+_HASH_CHUNK = 1 << 24
 CHUNK_SENTENCES = 10_000
 LOG_EVERY_S = 5.0
+
+
+class CorruptTokenCacheError(ValueError):
+  """A token cache that differs from what was written; the message (one line) names it."""
+
+  def __init__(self, directory: pathlib.Path, reason: str):
+    super().__init__(f"token cache {directory} is damaged: {reason}")
+    self.directory = directory
 
 
 @dataclasses.dataclass
@@ -130,7 +147,23 @@ def _write_cache(tmp: pathlib.Path, source, split: str, tokenizer,
   return {"format_version": FORMAT_VERSION, "source": source.name, "split": split,
           "fingerprint": source.fingerprint(split), "tokenizer": str(tokenizer.path),
           "vocab_size": tokenizer.vocab_size, "dtype": dtype.name, "sentences": len(offsets) - 1,
-          "tokens": int(offsets[-1]), "build_seconds": round(time.time() - progress.start, 3)}
+          "tokens": int(offsets[-1]), "max_id": _max_id(np.memmap(tmp / "tokens.bin", dtype))
+          if offsets[-1] else -1, "sha256": {name: file_digest(tmp / name)
+                                             for name in CHECKSUMMED_FILES},
+          "build_seconds": round(time.time() - progress.start, 3)}
+
+
+def file_digest(path: pathlib.Path) -> str:
+  """sha256 hex digest of a file, read in 16 MiB chunks."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(_HASH_CHUNK):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _max_id(tokens: np.ndarray) -> int:
+  return int(tokens.max()) if len(tokens) else -1
 
 
 def _build(final: pathlib.Path, source, split: str, tokenizer, num_threads: int | None) -> None:
@@ -152,47 +185,99 @@ def _build(final: pathlib.Path, source, split: str, tokenizer, num_threads: int 
                meta["tokens"], meta["build_seconds"])
 
 
-def load_cache(directory: str | os.PathLike) -> TokenizedSplit:
-  """Memory-maps a complete cache directory (read-only arrays)."""
+def _check_files(directory: pathlib.Path, meta: dict) -> None:
+  """CorruptTokenCacheError unless the files have the sizes and checksums meta.json gives."""
+  if not isinstance(meta.get("sha256"), dict):
+    raise CorruptTokenCacheError(directory, "meta.json has no checksums")
+  expected = {"tokens.bin": meta["tokens"] * np.dtype(meta["dtype"]).itemsize}
+  for name in CHECKSUMMED_FILES:
+    path = directory / name
+    if not path.is_file():
+      raise CorruptTokenCacheError(directory, f"{name} is missing")
+    if name in expected and path.stat().st_size != expected[name]:
+      raise CorruptTokenCacheError(directory, f"{name} has {path.stat().st_size} bytes, "
+                                   f"meta.json says {expected[name]}")
+    if file_digest(path) != meta["sha256"].get(name):
+      raise CorruptTokenCacheError(directory, f"{name} does not match its checksum")
+
+
+def load_cache(directory: str | os.PathLike, vocab_size: int | None = None) -> TokenizedSplit:
+  """Memory-maps a complete cache directory (read-only arrays) after verifying it.
+
+  vocab_size: every id must be below it (meta.json's max_id, computed when the cache was
+  written; the checksum holds tokens.bin to it). Raises CorruptTokenCacheError naming the
+  directory.
+  """
   directory = pathlib.Path(directory)
   meta_path = directory / "meta.json"
   if not meta_path.is_file():
     raise FileNotFoundError(f"Token cache is incomplete (no meta.json): {directory}")
-  meta = json.loads(meta_path.read_text())
-  dtype = np.dtype(meta["dtype"])
-  if meta["tokens"]:
-    tokens = np.memmap(directory / "tokens.bin", dtype=dtype, mode="r", shape=(meta["tokens"],))
-  else:
-    tokens = np.zeros(0, dtype)
-  offsets = np.load(directory / "offsets.npy", mmap_mode="r")
-  words = np.load(directory / "words.npy", mmap_mode="r")
+  try:
+    meta = json.loads(meta_path.read_text())
+    dtype = np.dtype(meta["dtype"])
+    _check_files(directory, meta)
+    tokens = (np.memmap(directory / "tokens.bin", dtype=dtype, mode="r", shape=(meta["tokens"],))
+              if meta["tokens"] else np.zeros(0, dtype))
+    offsets = np.load(directory / "offsets.npy", mmap_mode="r")
+    words = np.load(directory / "words.npy", mmap_mode="r")
+  except CorruptTokenCacheError:
+    raise
+  except (ValueError, KeyError, TypeError, OSError) as error:
+    raise CorruptTokenCacheError(directory, f"{type(error).__name__}: {error}") from error
   if len(offsets) != meta["sentences"] + 1 or len(words) != meta["sentences"]:
-    raise ValueError(f"Token cache arrays disagree with meta.json: {directory}")
+    raise CorruptTokenCacheError(directory, "its arrays disagree with meta.json")
+  if vocab_size is not None and meta["max_id"] >= vocab_size:
+    raise CorruptTokenCacheError(directory, f"it holds id {meta['max_id']}, outside the "
+                                 f"tokenizer's vocabulary of {vocab_size}")
   return TokenizedSplit(tokens=tokens, offsets=offsets, words=words)
+
+
+def _move_aside(final: pathlib.Path) -> pathlib.Path:
+  """Renames a damaged cache to <key>.corrupt-<n> (kept for inspection); returns the path."""
+  for index in itertools.count(1):
+    target = final.with_name(f"{final.name}.corrupt-{index}")
+    if not target.exists():
+      os.rename(final, target)
+      return target
+  raise AssertionError("unreachable")
 
 
 def load_or_build_tokenized(source, split: str, tokenizer, *,
                             cache_dir: str | os.PathLike | None = None,
-                            num_threads: int | None = None) -> TokenizedSplit:
+                            num_threads: int | None = None,
+                            rebuild_damaged: bool = False) -> TokenizedSplit:
   """Returns `split` of `source` tokenized by `tokenizer`, from the cache or built into it.
 
   cache_dir defaults to data_root()/token_cache; num_threads (SentencePiece encode threads)
-  defaults to all CPUs.
+  defaults to all CPUs. A damaged cache raises CorruptTokenCacheError, or with
+  rebuild_damaged (training) is moved aside, logged in one line and rebuilt.
   """
   root = pathlib.Path(cache_dir) if cache_dir is not None else paths.data_root() / "token_cache"
   root.mkdir(parents=True, exist_ok=True)
   final = root / cache_key(source, split, tokenizer)
+  damaged = None
   if (final / "meta.json").is_file():
-    logging.info("Reusing token cache %s", final)
-    return load_cache(final)
+    try:
+      split_data = load_cache(final, tokenizer.vocab_size)
+      logging.info("Reusing token cache %s", final)
+      return split_data
+    except CorruptTokenCacheError as error:
+      if not rebuild_damaged:
+        raise
+      damaged = error
   # One process per data root builds (others, e.g. the other hosts of a pod sharing the
   # root, wait for the lock and then find the cache); a crashed builder's lock goes stale.
   build_lock = WorkdirLock(root, name=f".{final.name}.lock")
   build_lock.acquire_waiting(f"the token cache {final}")
   try:
+    if damaged is not None and (final / "meta.json").is_file():
+      try:  # another process may have rebuilt it meanwhile
+        return load_cache(final, tokenizer.vocab_size)
+      except CorruptTokenCacheError:
+        logging.warning("%s; moved to %s, rebuilding it", damaged, _move_aside(final))
     if not (final / "meta.json").is_file():
       logging.info("Building token cache for %s/%s in %s", source.name, split, final)
       _build(final, source, split, tokenizer, num_threads)
   finally:
     build_lock.release()
-  return load_cache(final)
+  return load_cache(final, tokenizer.vocab_size)

@@ -14,6 +14,7 @@ already shuffled, and the embedded corpus is generated i.i.d., so a prefix is an
 and is deterministic: the same source gives the same tokenizer.
 """
 
+import hashlib
 import io
 import logging
 import os
@@ -63,6 +64,10 @@ class Tokenizer:
   def model_bytes(self) -> bytes:
     """The serialized model; token caches are keyed by its hash."""
     return self._sp.serialized_model_proto()
+
+  def digest(self) -> str:
+    """sha256 hex digest of the serialized model (what checkpoints record)."""
+    return hashlib.sha256(self.model_bytes()).hexdigest()
 
 
 def load_tokenizer(path: epath.PathLike) -> Tokenizer:

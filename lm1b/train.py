@@ -54,6 +54,7 @@ from lm1b import sampling
 from lm1b import sources
 from lm1b import steps
 from lm1b import storage
+from lm1b import throughput as throughput_lib
 from lm1b import workdir as workdir_lib
 from lm1b.console import is_chief, say
 from lm1b.errors import ConfigError
@@ -113,51 +114,6 @@ class LoopConfig:
                         "be in [0, 1)")
 
 
-class Throughput:
-  """Real tokens, slots and time of the steps since the last report (compilation excluded)."""
-
-  def __init__(self, slots_per_step: int, flops_per_slot: float, peak_flops: float | None):
-    self.slots_per_step, self.flops_per_slot = slots_per_step, flops_per_slot
-    self.peak_flops = peak_flops
-    self.restart(0)
-
-  def restart(self, step: int) -> None:
-    self.start_step, self.start_time, self.excluded = step, time.perf_counter(), 0.0
-
-  @contextlib.contextmanager
-  def untimed(self) -> Iterator[None]:
-    """Time spent inside (evaluation, samples, checkpoint starts) is not counted."""
-    start = time.perf_counter()
-    try:
-      yield
-    finally:
-      self.excluded += time.perf_counter() - start
-
-  def report(self, step: int, real_tokens: float) -> dict[str, float]:
-    """tokens_per_sec (real), fill, steps_per_sec, step_time_sec and the two MFUs."""
-    steps_done = step - self.start_step
-    elapsed = time.perf_counter() - self.start_time - self.excluded
-    if steps_done <= 0 or elapsed <= 0:
-      return {}
-    slots = steps_done * self.slots_per_step
-    values = {"tokens_per_sec": real_tokens / elapsed, "fill": real_tokens / slots,
-              "steps_per_sec": steps_done / elapsed, "step_time_sec": elapsed / steps_done}
-    if self.peak_flops:
-      values["mfu_real_tokens"] = real_tokens / elapsed * self.flops_per_slot / self.peak_flops
-      values["mfu_all_slots"] = slots / elapsed * self.flops_per_slot / self.peak_flops
-    return values
-
-
-def resolve_peak_flops(configured: float | None, dtype) -> float | None:
-  """Summed peak FLOP/s of all devices: configured per device, else the device-kind table
-  (None where unknown, e.g. on CPU: then no MFU is reported)."""
-  devices = jax.devices()
-  if configured is not None:
-    return configured * len(devices)
-  peaks = [flops.peak_flops(d.device_kind, dtype) for d in devices]
-  return None if any(p is None for p in peaks) else float(sum(peaks))
-
-
 class Trainer:
   """Runs the steps of one train_and_evaluate call; see the module docstring."""
 
@@ -177,10 +133,10 @@ class Trainer:
     self.batches = input_pipeline.train_batches(
         data.splits["train"], input_config, slot=self.slot, process_index=self.shard_index,
         process_count=self.shard_count)
-    self.throughput = Throughput(
+    self.throughput = throughput_lib.Throughput(
         input_config.global_batch * input_config.seq_len,
         flops.flops_per_token_for_config(self.model_config, input_config.seq_len),
-        resolve_peak_flops(loop.peak_flops_per_device, self.model_config.compute_dtype))
+        throughput_lib.resolve_peak_flops(loop.peak_flops_per_device, self.model_config.compute_dtype))
     self.state: experiment.TrainState | None = None
     self.step = 0
     self.data_state = self.batches.state()
@@ -201,7 +157,13 @@ class Trainer:
     else:
       if restored.damaged:
         moved = self.checkpointer.quarantine([damaged.step for damaged in restored.damaged])
-        say(f"moved damaged checkpoints aside: {', '.join(moved)}")
+        say(f"{checkpoints.describe_damaged(self.checkpointer.directory, restored.damaged)}: "
+            f"moved to {', '.join(moved)}; resuming from step {restored.step}")
+      problems = workdir_lib.differences_from_checkpoint(
+          self.workdir, self.checkpointer.step_path(restored.step), restored.config_text,
+          restored.tokenizer_digest, self.data.tokenizer.digest())
+      if problems:  # e.g. another tokenizer.model: resuming would tokenize differently
+        raise ConfigError("; ".join(problems) + "; restore them or use a new --workdir")
       self.state = experiment.state_from_items(restored.items)
       self.step = restored.step
       self.batches.restore(restored.data_state)
@@ -216,7 +178,8 @@ class Trainer:
     self.drain()
     with self.throughput.untimed():
       started = self.checkpointer.save(self.step, experiment.checkpoint_items(self.state),
-                                       self.data_state, self.config_text, force=force)
+                                       self.data_state, self.config_text, force=force,
+                                       tokenizer_digest=self.data.tokenizer.digest())
     if started:
       _LOG.info("checkpoint for step %d started", self.step)
 
@@ -342,6 +305,8 @@ class Trainer:
     self.checkpointer.wait()
     if self.stop.requested_now():
       result.stopped_by = self.stop.signal_name
+      say(f"{self.stop.signal_name}: saved the final checkpoint at step {self.step}; stopped "
+          "before the final evaluation (eval.py scores it)")
       return
     result.final_eval = self.evaluate(None)
     if result.final_eval is None:
@@ -349,9 +314,9 @@ class Trainer:
       return
     result.final_eval.update(split="test", mode=self.input_config.mode,
                              test_set=self.data.descriptions["test"])
-    if jax.process_index() == 0:
-      workdir_lib.write_json(workdir_lib.eval_json_path(self.workdir, "test", self.step),
-                             result.final_eval)
+    if jax.process_index() == 0 and (note := workdir_lib.write_result(
+        workdir_lib.eval_json_path(self.workdir, "test", self.step), result.final_eval)):
+      say(note)
     result.unigram_perplexity = evaluate.unigram_test_perplexity(
         self.data.splits["train"], self.data.splits["test"], self.model_config.vocab_size)
     say(f"final test per-token perplexity {result.final_eval['per_token_perplexity']:.2f} "
@@ -470,8 +435,9 @@ def _train_in_workdir(workdir: str, loop: LoopConfig, model_config: model_lib.Mo
   with checkpoints.Checkpointer(
       epath.Path(workdir) / workdir_lib.CHECKPOINT_DIR, keep=loop.keep_checkpoints,
       save_every=loop.checkpoint_every, async_save=loop.async_checkpoints) as checkpointer:
-    if checkpointer.latest_step() is not None:  # names differing shapes before any write
-      checkpointer.check_compatible(experiment.checkpoint_items(spec.abstract))
+    # Names differing shapes before any write; a damaged newest step is compared past here
+    # and moved aside by restore_or_init.
+    checkpointer.check_compatible(experiment.checkpoint_items(spec.abstract))
     if is_chief():
       workdir_lib.write_config(workdir, config_text)
     trainer = Trainer(workdir, loop, data, input_config, spec, checkpointer, config_text, stop)
@@ -493,5 +459,5 @@ def _latest_checkpoint(directory: epath.Path) -> int | None:
   """The newest complete checkpoint step in `directory`, None if there is none."""
   if not directory.is_dir():
     return None
-  with checkpoints.Checkpointer(directory, async_save=False) as checkpointer:
+  with checkpoints.Checkpointer(directory, read_only=True) as checkpointer:
     return checkpointer.latest_step()

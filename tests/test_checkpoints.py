@@ -171,6 +171,14 @@ def _delete_data_item(step_dir):
   shutil.rmtree(os.path.join(step_dir, "data"))
 
 
+def _damage_metadata(step_dir):
+  """64 bytes of the params item's _METADATA overwritten (not valid UTF-8 any more)."""
+  path = os.path.join(step_dir, "params", "_METADATA")
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    f.write(b"\xff" * 64)
+
+
 @pytest.mark.parametrize("damage, reason", [
     (_flip_bit, r"params/dense/kernel does not match its checksum"),
     (_overwrite_bytes, r"params/dense/kernel does not match its checksum"),
@@ -179,11 +187,12 @@ def _delete_data_item(step_dir):
     (_edit_data_state, r"data-iterator state does not match its checksum"),
     (_edit_config, r"config text does not match its checksum"),
     (_delete_data_item, r"."),
+    (_damage_metadata, r"params metadata: UnicodeDecodeError"),
 ])
-def test_damaged_latest_falls_back_with_one_line(ckpt_dir, caplog, damage, reason):
+def test_damaged_latest_falls_back_and_says_why_in_one_line(ckpt_dir, caplog, damage, reason):
   damage(os.path.join(ckpt_dir, "20"))
   with checkpoints.Checkpointer(ckpt_dir, keep=3) as ckpt:
-    with caplog.at_level(logging.ERROR, logger="lm1b.checkpoints"):
+    with caplog.at_level(logging.INFO, logger="lm1b.checkpoints"):
       restored = ckpt.restore_latest_valid(ABSTRACT)
     assert restored.step == 10 and restored.config_text == "cfg 10"
     assert restored.data_state == {"epoch": 1, "cursor": 10}
@@ -192,10 +201,26 @@ def test_damaged_latest_falls_back_with_one_line(ckpt_dir, caplog, damage, reaso
     assert skipped.step == 20 and re.search(reason, skipped.reason), skipped.reason
     with pytest.raises(checkpoints.CorruptCheckpointError, match=reason) as raised:
       ckpt.restore(ABSTRACT, step=20)
+    assert ckpt.all_steps() == [10, 20]  # left in place: only quarantine moves a step
   assert ckpt.step_path(20) in str(raised.value) and "\n" not in str(raised.value)
   assert "See full TensorStore details" not in skipped.reason
-  (record,) = [r for r in caplog.records if r.name == "lm1b.checkpoints"]
-  assert ckpt.step_path(20) in record.getMessage() and "\n" not in record.getMessage()
+  line = checkpoints.describe_damaged(ckpt.directory, restored.damaged)
+  assert line.startswith(f"checkpoint {ckpt.step_path(20)} is damaged (") and "\n" not in line
+  assert not [r for r in caplog.records if r.name == "lm1b.checkpoints"]  # the caller says it
+
+
+def test_compatibility_is_checked_on_the_newest_step_with_readable_metadata(ckpt_dir):
+  _damage_metadata(os.path.join(ckpt_dir, "20"))
+  other = dict(ABSTRACT, params={"dense": dict(
+      ABSTRACT["params"]["dense"], bias=jax.ShapeDtypeStruct((47,), jnp.float32))})
+  with checkpoints.Checkpointer(ckpt_dir) as ckpt:
+    assert ckpt.check_compatible(ABSTRACT) == 10
+    with pytest.raises(checkpoints.CorruptCheckpointError, match="params metadata"):
+      ckpt.check_compatible(ABSTRACT, step=20)
+    with pytest.raises(checkpoints.CheckpointMismatchError, match=ckpt.step_path(10)):
+      ckpt.check_compatible(other)  # a configuration problem stays one
+    _damage_metadata(ckpt.step_path(10))
+    assert ckpt.check_compatible(ABSTRACT) is None
 
 
 def test_every_step_damaged_raises_one_line(ckpt_dir):
@@ -248,6 +273,34 @@ def test_shape_mismatch_is_named_from_metadata_and_not_called_damage(ckpt_dir, c
     with pytest.raises(checkpoints.CheckpointMismatchError,
                        match="opt_state/count: in the checkpoint but not in the model"):
       ckpt.check_compatible({"opt_state": {"mu": ABSTRACT["opt_state"]["mu"]}}, step=10)
+
+
+def test_read_only_creates_cleans_and_moves_nothing(ckpt_dir, tmp_path):
+  in_progress = ckpt_dir / "30.orbax-checkpoint-tmp-99"  # a trainer's save under way
+  in_progress.mkdir()
+  with checkpoints.Checkpointer(ckpt_dir, read_only=True) as reader:
+    assert reader.restore_latest_valid(ABSTRACT).step == 20
+    with pytest.raises(checkpoints.CheckpointError, match="opened read-only"):
+      reader.save(30, _items(30), {}, "", force=True)
+    with pytest.raises(checkpoints.CheckpointError, match="opened read-only"):
+      reader.quarantine([20])
+  assert in_progress.is_dir() and sorted(os.listdir(ckpt_dir)) == [
+      "10", "20", in_progress.name]
+  with checkpoints.Checkpointer(tmp_path / "none", read_only=True) as reader:
+    assert reader.restore_latest_valid(ABSTRACT) is None
+  assert not (tmp_path / "none").exists()
+
+
+def test_a_step_deleted_while_read_is_gone_not_damaged(ckpt_dir):
+  """A reader beside a trainer: the step it lists first is deleted by the trainer's
+  retention and a newer one saved; the reader takes the newest, reporting no damage."""
+  with checkpoints.Checkpointer(ckpt_dir, read_only=True) as reader:
+    assert reader.all_steps() == [10, 20]
+    shutil.rmtree(ckpt_dir / "20")
+    with checkpoints.Checkpointer(ckpt_dir, async_save=False) as trainer:
+      _save_steps(trainer, [30])
+    restored = reader.restore_latest_valid(ABSTRACT)
+  assert restored.step == 30 and restored.damaged == []
 
 
 def _fail_json_writes(monkeypatch):
@@ -312,7 +365,8 @@ if mode == "save":  # two good steps, then a third whose asynchronous write fail
       print("write error:", error)
       break
 else:  # step 2 is damaged
-  print("restored step", ckpt.restore_latest_valid(abstract(64)).step)
+  restored = ckpt.restore_latest_valid(abstract(64))
+  print("restored step", restored.step, checkpoints.describe_damaged(directory, restored.damaged))
   try:
     ckpt.restore_latest_valid(abstract(16))
   except checkpoints.CheckpointMismatchError as error:
@@ -347,8 +401,9 @@ def test_damaged_mismatched_and_failed_checkpoints_print_one_line(tmp_path):
   restored = run("restore")
   assert "restored step 1" in restored.stdout
   assert "params/w0: saved (64, 8) float32, now (16, 8) float32" in restored.stdout
-  line, *unraisable = restored.stderr.strip().splitlines()
-  assert f"checkpoint {tmp_path}/2 is damaged" in line and "trying an older step" in line
+  assert f"checkpoint {tmp_path}/2 is damaged (" in restored.stdout
+  unraisable = restored.stderr.strip().splitlines()
+  assert "damaged" not in restored.stderr
   assert "Event loop is closed" not in restored.stderr
   assert "KeyError: 'other unraisable errors are still shown'" in unraisable
 

@@ -153,7 +153,8 @@ def test_different_model_in_an_existing_workdir_is_refused(micro, trained, capsy
   assert (trained / "config.gin").read_text() == before
 
 
-def test_corrupt_latest_checkpoint_falls_back_to_the_previous(trained, tmp_path, caplog):
+def test_readers_say_which_step_they_used_and_why_and_move_nothing(trained, tmp_path,
+                                                                     capsys):
   workdir = tmp_path / "copy"
   shutil.copytree(trained, workdir)
   latest = workdir / "checkpoints" / str(NUM_STEPS)
@@ -161,13 +162,18 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(trained, tmp_path,
     if path.is_file() and path.stat().st_size > 0:
       with open(path, "r+b") as f:
         f.truncate(path.stat().st_size // 2)
-  with caplog.at_level(logging.ERROR):
-    assert cli.eval_main(["--workdir", str(workdir)]) == 0
-  assert str(latest) in caplog.text
+  assert cli.eval_main(["--workdir", str(workdir)]) == 0
+  eval_err = capsys.readouterr().err
+  assert cli.sample_main(["--workdir", str(workdir), "--max_length", "8"]) == 0
+  sample = capsys.readouterr()
+  for err in (eval_err, sample.err):
+    (line,) = [line for line in err.splitlines() if " is damaged" in line]
+    assert f"checkpoint {latest} is damaged (" in line and "using step 2" in line, line
+  assert sample.out.startswith("# step 2,")
   assert json.loads((workdir / "eval_test_2.json").read_text())["step"] == 2
-  assert not (workdir / f"eval_test_{NUM_STEPS}.json").exists() or (
-      workdir / f"eval_test_{NUM_STEPS}.json").read_bytes() == (
-          trained / f"eval_test_{NUM_STEPS}.json").read_bytes()
+  assert (workdir / f"eval_test_{NUM_STEPS}.json").read_bytes() == (
+      trained / f"eval_test_{NUM_STEPS}.json").read_bytes()
+  assert latest.is_dir() and not (workdir / "checkpoints" / "corrupt").exists()
 
 
 def test_nan_loss_exits_1_naming_the_step_and_keeps_good_checkpoints(micro, tmp_path):
@@ -270,20 +276,52 @@ def _overwrite_middle(directory: pathlib.Path, count: int = 64) -> None:
     f.write(bytes(range(count)))
 
 
+def _overwrite_metadata(step_dir: pathlib.Path) -> None:
+  """64 bytes of the params item's _METADATA overwritten (no longer UTF-8)."""
+  path = step_dir / "params" / "_METADATA"
+  with open(path, "r+b") as f:
+    f.seek(path.stat().st_size // 2)
+    f.write(b"\xff" * 64)
+
+
+def _flip_ocdbt_data(step_dir: pathlib.Path) -> None:
+  """One bit flipped at three places of every OCDBT data file of params (b-tree included)."""
+  for path in step_dir.glob("params/**/d/*"):
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+      for offset in (size // 4, size // 2, 3 * size // 4):
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 1]))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda step_dir: _overwrite_middle(step_dir / "params"), "does not match its checksum"),
+    (_overwrite_metadata, "params metadata: UnicodeDecodeError"),
+    (_flip_ocdbt_data, "DATA_LOSS"),
+])
 def test_damaged_latest_checkpoint_is_moved_aside_and_its_step_saved_again(
-    micro, trained, tmp_path, capsys):
+    micro, trained, tmp_path, capsys, damage, reason):
   workdir = tmp_path / "copy"
   shutil.copytree(trained, workdir)
   (workdir / f"eval_test_{NUM_STEPS}.json").unlink()
-  _overwrite_middle(workdir / "checkpoints" / str(NUM_STEPS) / "params")
+  latest = workdir / "checkpoints" / str(NUM_STEPS)
+  damage(latest)
   params = micro_params(micro[0], num_steps=NUM_STEPS, eval_every=2, sample_every=2,
                         checkpoint_every=2, peak_flops_per_device=1e11)
   assert cli.train_main(["--workdir", str(workdir), *gin_flags(params)]) == 0
-  out = capsys.readouterr().out
-  assert "resumed from" in out and "(step 2)" in out and "moved damaged checkpoints" in out
+  captured = capsys.readouterr()
+  (line,) = [line for line in (captured.out + captured.err).splitlines()
+              if " is damaged" in line]
+  assert line.startswith(f"checkpoint {latest} is damaged (") and reason in line, line
+  assert line.endswith(f"moved to {workdir / 'checkpoints' / 'corrupt' / str(NUM_STEPS)}; "
+                       "resuming from step 2"), line
+  assert "resumed from" in captured.out and "(step 2)" in captured.out
   assert (workdir / "checkpoints" / "corrupt" / str(NUM_STEPS)).is_dir()  # kept, not deleted
   assert checkpoints.Checkpointer(workdir / "checkpoints").all_steps() == [2, NUM_STEPS]
-  assert json.loads((workdir / f"eval_test_{NUM_STEPS}.json").read_text())["step"] == NUM_STEPS
+  assert json.loads((workdir / f"eval_test_{NUM_STEPS}.json").read_text()) == pytest.approx(
+      json.loads((trained / f"eval_test_{NUM_STEPS}.json").read_text()))
   assert cli.eval_main(["--workdir", str(workdir), "--output", str(tmp_path / "e.json")]) == 0
   assert json.loads((tmp_path / "e.json").read_text())["step"] == NUM_STEPS
   accumulator = event_accumulator.EventAccumulator(str(workdir / "tensorboard"))

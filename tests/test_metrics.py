@@ -1,6 +1,8 @@
 """Tests for lm1b.metrics: TensorBoard files read back with tensorboard's reader, console
 line, perplexities."""
 
+import errno
+import logging
 import math
 import os
 import time
@@ -11,6 +13,7 @@ import pytest
 from tensorboard import context
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.compat.proto import event_pb2
+from tensorboard.summary.writer import record_writer
 from tensorboard.data import server_ingester
 from tensorboard.util import grpc_util
 
@@ -151,3 +154,50 @@ def test_progress_line():
 def test_format_duration():
   assert metrics.format_duration(3725) == "1:02:05"
   assert metrics.format_duration(float("inf")) == "?"
+
+
+def test_a_garbled_event_file_is_kept_and_the_resume_says_so(tmp_path, caplog):
+  with metrics.MetricWriter(tmp_path) as writer:
+    for step in range(1, 9):
+      writer.scalars(step, {"train/loss": float(step)})
+  (path,) = metrics.event_files(tmp_path)
+  data = bytearray(open(path, "rb").read())
+  middle = len(data) // 2
+  data[middle:middle + 4] = b"\xff\xff\xff\xff"  # one record garbled
+  open(path, "wb").write(bytes(data))
+  with caplog.at_level(logging.WARNING, logger="lm1b.metrics"):
+    metrics.MetricWriter(tmp_path, resume_step=8).close()
+  (record,) = [r for r in caplog.records if r.name == "lm1b.metrics"]
+  kept = os.path.join(tmp_path, os.path.basename(path).replace("tfevents", "damaged"))
+  assert f"event file {path} is unreadable after byte" in record.getMessage()
+  assert kept in record.getMessage() and open(kept, "rb").read() == bytes(data)
+  assert kept not in metrics.event_files(tmp_path)
+
+
+def test_failed_writes_are_said_once_retried_and_never_raised(tmp_path, monkeypatch, caplog):
+  """The disk fills under the writer's thread (and its flushes); training calls on."""
+  failing = [False]
+  write = record_writer.RecordWriter.write
+
+  def no_space(self, data):
+    if failing[0]:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return write(self, data)
+  monkeypatch.setattr(record_writer.RecordWriter, "write", no_space)
+  with caplog.at_level(logging.WARNING, logger="lm1b.metrics"):
+    writer = metrics.MetricWriter(tmp_path)
+    writer.scalars(1, {"train/loss": 1.0})
+    writer.flush()
+    failing[0] = True
+    for step in range(2, 6):
+      writer.scalars(step, {"train/loss": float(step)})
+      writer.flush()
+    failing[0] = False
+    writer.scalars(6, {"train/loss": 6.0})  # the disk has room again: a new file
+    writer.close()
+  (record,) = [r for r in caplog.records if r.name == "lm1b.metrics"]
+  assert "No space left on device" in record.getMessage() and "said once" in record.getMessage()
+  accumulator = event_accumulator.EventAccumulator(str(tmp_path))
+  accumulator.Reload()
+  steps = {e.step for e in accumulator.Scalars("train/loss")}  # files may sort either way
+  assert {1, 6} <= steps and len(metrics.event_files(tmp_path)) >= 2

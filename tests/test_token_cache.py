@@ -1,7 +1,10 @@
 """Tests for lm1b/token_cache.py: build, memmap reuse, keys, atomicity, progress log."""
 
+import hashlib
+import json
 import logging
 import os
+import re
 import threading
 import time
 
@@ -145,3 +148,69 @@ def test_concurrent_builders_build_once_and_share_the_cache(tokenizers, tmp_path
   np.testing.assert_array_equal(results[0].tokens, results[1].tokens)
   assert [p.name for p in tmp_path.iterdir()] == [token_cache.cache_key(source, "train",
                                                                          tokenizers[0])]
+
+
+def _built(tokenizer, directory):
+  """A cache of 200 sentences in directory: (source, split (a copy), cache path, original
+  bytes by name)."""
+  source = ListSource({"train": random_sentences(200, seed=8)})
+  split = token_cache.load_or_build_tokenized(source, "train", tokenizer, cache_dir=directory)
+  (cache,) = directory.iterdir()
+  copy = token_cache.TokenizedSplit(*(np.array(a) for a in (split.tokens, split.offsets,
+                                                               split.words)))
+  return source, copy, cache, {p.name: p.read_bytes() for p in cache.iterdir()}
+
+
+def _garble_ids(cache):
+  """A fifth of the ids replaced by other valid ids (what a bad disk or a stray write does)."""
+  tokens = np.fromfile(cache / "tokens.bin", np.uint16)
+  tokens[::5] = (tokens[::5] + 1) % 40 + 4
+  tokens.tofile(cache / "tokens.bin")
+
+
+def _truncate_tokens(cache):
+  with open(cache / "tokens.bin", "r+b") as f:
+    f.truncate(11)
+
+
+def _out_of_vocabulary(cache):
+  """A cache whose ids reach beyond the tokenizer's vocabulary (meta.json's max_id)."""
+  meta = json.loads((cache / "meta.json").read_text())
+  (cache / "meta.json").write_text(json.dumps(dict(meta, max_id=999)))
+
+
+def _no_checksums(cache):
+  meta = json.loads((cache / "meta.json").read_text())
+  del meta["sha256"]
+  (cache / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (_garble_ids, "tokens.bin does not match its checksum"),
+    (_truncate_tokens, r"tokens.bin has 11 bytes, meta.json says \d+"),
+    (_out_of_vocabulary, "holds id 999, outside the tokenizer's vocabulary"),
+    (_no_checksums, "meta.json has no checksums"),
+])
+def test_a_damaged_cache_is_reported_or_moved_aside_and_rebuilt(tokenizers, tmp_path, damage,
+                                                                 reason):
+  source, good, cache, original = _built(tokenizers[0], tmp_path)
+  damage(cache)
+  with pytest.raises(token_cache.CorruptTokenCacheError) as raised:
+    token_cache.load_or_build_tokenized(source, "train", tokenizers[0], cache_dir=tmp_path)
+  message = str(raised.value)
+  assert message.startswith(f"token cache {cache} is damaged: ") and "\n" not in message
+  assert re.search(reason, message), message
+  rebuilt = token_cache.load_or_build_tokenized(source, "train", tokenizers[0],
+                                                cache_dir=tmp_path, rebuild_damaged=True)
+  np.testing.assert_array_equal(rebuilt.tokens, good.tokens)
+  assert source.reads == 2 and (tmp_path / f"{cache.name}.corrupt-1").is_dir()  # kept
+  assert {p.name: p.read_bytes() for p in cache.iterdir() if p.name != "meta.json"} == {
+      name: data for name, data in original.items() if name != "meta.json"}
+
+
+def test_checksums_and_largest_id_are_written_with_the_cache(tokenizers, tmp_path):
+  _, split, cache, _ = _built(tokenizers[0], tmp_path)
+  meta = json.loads((cache / "meta.json").read_text())
+  assert meta["max_id"] == int(np.max(split.tokens)) < tokenizers[0].vocab_size
+  assert meta["sha256"] == {name: hashlib.sha256((cache / name).read_bytes()).hexdigest()
+                            for name in token_cache.CHECKSUMMED_FILES}

@@ -147,11 +147,14 @@ def test_sigterm_during_the_final_evaluation_abandons_it_with_a_complete_checkpo
   assert not list((workdir / "checkpoints").glob("*tmp*"))
 
 
-def test_sigterm_during_the_final_save_lets_it_finish(micro, tmp_path, monkeypatch):
+def test_sigterm_during_the_final_save_lets_it_finish_and_says_so(micro, tmp_path,
+                                                                   monkeypatch, capsys):
   sent = _signal_when_called(monkeypatch, train.Trainer, "finish")
   result = run_train(tmp_path, micro_params(micro[0], num_steps=3))
   assert sent and result.stopped_by == "SIGTERM" and result.final_eval is None
   assert result.checkpoint_step == 3 and result.step == 3
+  assert ("SIGTERM: saved the final checkpoint at step 3; stopped before the final "
+          "evaluation") in capsys.readouterr().out
 
 
 def test_sigterm_while_preparing_data_unwinds_at_once(micro, tmp_path, monkeypatch, capsys):
