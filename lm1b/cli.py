@@ -4,8 +4,8 @@ Each entry point parses its flags, parses the gin configuration and calls one li
 Exit codes: 0 success (also a run stopped by SIGTERM/SIGINT with a complete checkpoint),
 1 a failed run (non-finite loss, unreadable data or checkpoints), 2 bad flags, gin bindings or
 configuration values (nothing is written to the workdir in that case), 128 + the signal number
-for a run stopped by a signal before any checkpoint existed. Expected failures print one line
-(`--verbose` adds the traceback).
+for a run stopped by a signal before any checkpoint existed, 3 a multi-process run that lost a
+peer process (`supervisor`). Expected failures print one line (`--verbose` adds the traceback).
 
 Configuration:
   train.py   --gin_file (repeatable, default gin/tiny.gin) and --gin_param (repeatable).
@@ -31,7 +31,8 @@ import gin
 import jax
 from etils import epath
 
-from lm1b import checkpoints, evaluate, paths, sampling, sources, storage, train
+from lm1b import (checkpoints, distributed, evaluate, native_output, paths, sampling,
+                  sources, storage, supervisor, train)
 from lm1b import workdir as workdir_lib
 from lm1b.errors import ConfigError
 from lm1b.workdir_lock import WorkdirLockedError
@@ -150,6 +151,9 @@ def configure_logging(level: str) -> None:
 
 def _setup(args: argparse.Namespace, *, devices: bool = True) -> None:
   """Logging, and unless devices=False the distributed runtime and the compilation cache."""
+  multiprocess = devices and _multiprocess(args)
+  if supervisor.is_child():
+    native_output.divert(supervisor.native_log_path())  # before the log handler takes stderr
   configure_logging(args.log_level)
   for noisy in ("absl", "jax._src", "orbax"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -157,24 +161,9 @@ def _setup(args: argparse.Namespace, *, devices: bool = True) -> None:
     logging.getLogger("lm1b.checkpoints").setLevel(logging.DEBUG)
   if not devices:
     return
-  if args.multihost or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-    init_distributed()
+  if multiprocess:
+    distributed.initialize(epath.Path(args.workdir) / workdir_lib.CHECKPOINT_DIR)
   enable_compilation_cache(args.compilation_cache)
-
-
-def init_distributed() -> None:
-  """`jax.distributed.initialize`, before anything touches a device.
-
-  JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID are
-  passed on when set (e.g. several CPU processes on one machine); unset values are left to
-  jax's cluster auto-detection (Cloud TPU, SLURM, ...). CPU collectives use gloo.
-  """
-  env = os.environ
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(
-      coordinator_address=env.get("JAX_COORDINATOR_ADDRESS") or None,
-      num_processes=int(env["JAX_NUM_PROCESSES"]) if env.get("JAX_NUM_PROCESSES") else None,
-      process_id=int(env["JAX_PROCESS_ID"]) if env.get("JAX_PROCESS_ID") else None)
 
 
 def _workdir_config(workdir: str) -> str:
@@ -217,15 +206,32 @@ _EXIT_CODES = (
 )
 
 
-def _run(function: Callable[[], int | None], verbose: bool) -> int:
-  """Calls `function`, turning the project's expected failures into exit codes."""
+def _multiprocess(args: argparse.Namespace) -> bool:
+  return args.multihost or bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+
+
+def _run(function: Callable[[], int | None], args: argparse.Namespace) -> int:
+  """Calls `function`, turning the project's expected failures into exit codes.
+
+  A multi-process run (without --verbose) runs in a child process whose parent reports a lost
+  peer in one line (`supervisor`).
+  """
+  verbose = args.verbose
+  if (_multiprocess(args) and not verbose and not supervisor.is_child()
+      and not getattr(args, "prepare_only", False)):
+    return supervisor.run_child(native_output.default_path(),
+                                epath.Path(args.workdir) / workdir_lib.CHECKPOINT_DIR)
   try:
     return function() or 0
-  except tuple(error_type for error_type, _ in _EXIT_CODES) as error:
+  except Exception as error:  # pylint: disable=broad-except
+    distributed.exit_if_peer_lost(error, verbose)  # does not return for a lost peer
+    code = next((code for error_type, code in _EXIT_CODES if isinstance(error, error_type)), None)
+    if code is None:
+      raise
     if verbose:
       traceback.print_exc()
     print(f"error: {_one_line(error)}", file=sys.stderr)
-    return next(code for error_type, code in _EXIT_CODES if isinstance(error, error_type))
+    return code
 
 
 def _train_exit_code(result: train.TrainResult) -> int:
@@ -254,7 +260,7 @@ def train_main(argv: Sequence[str] | None = None) -> int:
       return 0
     return _train_exit_code(train.train_and_evaluate(args.workdir))
 
-  return _run(run, args.verbose)
+  return _run(run, args)
 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
@@ -274,7 +280,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     evaluate.evaluate_workdir(args.workdir, step=args.step, split=args.split,
                               output=args.output, accept_mismatch=args.accept_mismatch)
 
-  return _run(run, args.verbose)
+  return _run(run, args)
 
 
 def _check_sample_flags(args: argparse.Namespace) -> None:
@@ -319,4 +325,4 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
     for index, text in enumerate(texts):
       print(f"[{prompts[index // args.num_samples]}] {text}", flush=True)
 
-  return _run(run, args.verbose)
+  return _run(run, args)

@@ -95,9 +95,15 @@ def _sample(sentences: Iterator[str], limit: int, counter: list[int]) -> Iterato
 
 
 def train_tokenizer(path: epath.Path, sentences: Iterator[str], *, vocab_size: int,
-                    sample_sentences: int, model_type: str,
-                    character_coverage: float) -> None:
-  """Trains a model on the first `sample_sentences` sentences and writes it atomically to path."""
+                    sample_sentences: int, model_type: str, character_coverage: float,
+                    byte_fallback: bool = False) -> None:
+  """Trains a model on the first `sample_sentences` sentences and writes it atomically to path.
+
+  With `byte_fallback`, a character outside the vocabulary is encoded as its UTF-8 bytes (256
+  byte pieces are part of vocab_size) instead of <unk>, and digits are split one per piece, so
+  no text reads as <unk>; without it (the default, and every shipped config), as SentencePiece's
+  default.
+  """
   counter = [0]
   proto = io.BytesIO()
   start = time.time()
@@ -107,7 +113,8 @@ def train_tokenizer(path: epath.Path, sentences: Iterator[str], *, vocab_size: i
         vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
         pad_id=PAD_ID, eos_id=EOS_ID, bos_id=BOS_ID, unk_id=UNK_ID,
         input_sentence_size=sample_sentences, shuffle_input_sentence=False,
-        max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
+        max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2,
+        byte_fallback=byte_fallback, split_digits=byte_fallback)
   except RuntimeError as e:
     message = " ".join(str(e).split())
     raise ValueError(f"SentencePiece training for {path} failed (vocab_size={vocab_size}, "
@@ -121,10 +128,11 @@ def train_tokenizer(path: epath.Path, sentences: Iterator[str], *, vocab_size: i
 @gin.configurable
 def load_or_train_tokenizer(workdir: epath.PathLike, source, *, vocab_size: int = 8000,
                             sample_sentences: int = 1_000_000, model_type: str = "unigram",
-                            character_coverage: float = 1.0) -> Tokenizer:
+                            character_coverage: float = 1.0,
+                            byte_fallback: bool = False) -> Tokenizer:
   """Returns workdir/tokenizer.model, training it first from `source`'s train split if absent.
 
-  An existing model is always reused (resume, eval, sampling), even if vocab_size differs; a
+  `byte_fallback` (for a new model): see `train_tokenizer`. An existing model is always reused (resume, eval, sampling), even if vocab_size differs; a
   mismatch is logged.
   """
   path = epath.Path(workdir) / MODEL_FILENAME
@@ -133,7 +141,7 @@ def load_or_train_tokenizer(workdir: epath.PathLike, source, *, vocab_size: int 
                  sample_sentences)
     train_tokenizer(path, source.sentences("train"), vocab_size=vocab_size,
                     sample_sentences=sample_sentences, model_type=model_type,
-                    character_coverage=character_coverage)
+                    character_coverage=character_coverage, byte_fallback=byte_fallback)
   tokenizer = load_tokenizer(path)
   if tokenizer.vocab_size != vocab_size:
     logging.warning("Reusing %s with vocab %d (configured vocab_size=%d)", path,

@@ -50,6 +50,17 @@ def test_unknown_character_maps_to_unk(trained):
   assert tok.UNK_ID in tokenizer.encode("zebra")  # 'z' and 'z'-pieces never seen in training
 
 
+def test_byte_fallback_reads_every_character_and_splits_digits(tmp_path):
+  source = ListSource({"train": random_sentences(2000)})
+  tokenizer = tok.load_or_train_tokenizer(tmp_path, source, vocab_size=VOCAB + 256,
+                                          sample_sentences=1000, byte_fallback=True)
+  text = "zebra 漢字 😀 in 2026"
+  ids = tokenizer.encode(text)
+  assert tok.UNK_ID not in ids
+  assert tokenizer.decode(ids) == text
+  assert len(tokenizer.encode("2026")) >= 4  # one piece per digit at least
+
+
 def test_encode_batch_matches_encode(trained):
   _, tokenizer = trained
   sentences = random_sentences(30, seed=2)
