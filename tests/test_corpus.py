@@ -157,7 +157,7 @@ def test_sentence_lengths_vocabulary_and_uniqueness(kind):
 def test_brackets_and_quotes_close_in_nested_order(kind):
   pairs = {")": "(", "]": "["}
   nested = 0
-  for tokens, *_ in _sentences(kind):
+  for tokens in (sentence.tokens for sentence in _sentences(kind)):
     stack = []
     for token in tokens:
       if token in "([":
@@ -195,7 +195,7 @@ def test_verbs_agree_with_distant_subjects_and_tense_is_constant(kind):
 @KINDS
 def test_numbers_and_names_are_reused(kind):
   repeated = 0
-  for tokens, *_ in _sentences(kind):
+  for tokens in (sentence.tokens for sentence in _sentences(kind)):
     text = " ".join(tokens)
     for number, noun in re.findall(r"all (\d+) (\S+) (?:were|are)", text):  # a document's
       before = text.lower().split(", and all")[0]  # counts have an adjective

@@ -35,8 +35,8 @@ The modules, each importing only those above it:
 
   vocabulary   the words: topics, nouns and plurals, verbs and their forms, names, numbers
   draws        `Draws`: the seeded stream of uniform floats every choice is made with
-  sentences    the sentence grammar (`draw_sentence`, `draw_sentences`) and the `Context`
-               protocol through which a sentence learns what it is part of
+  context      `Context`: what the grammar asks of what a sentence is part of; `Independent`
+  sentences    the sentence grammar: `draw_sentence`, `draw_sentences`
   documents    `draw_document`, `draw_documents`: the document plan and its sentence context
   writer       the shard layout, the two corpus variants, `ensure_embedded_corpus`
 """

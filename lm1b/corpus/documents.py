@@ -135,7 +135,7 @@ def _cast(draws: Draws, topic: int, size: int) -> list[Person]:
 
 
 class DocumentSentence:
-  """The context (lm1b.corpus.sentences.Context) of one draw of sentence `index` of a document.
+  """The context (lm1b.corpus.context.Context) of one draw of sentence `index` of a document.
 
   The grammar's subject and object slots take the agenda's entities first; every mention of a
   chained entity (cast other than the founders, counts) schedules its next one. The draw only

@@ -14,7 +14,7 @@ class Draws:
   """Uniform floats in [0, 1) from `np.random.default_rng(seed)`, and choices made with them.
 
   The floats are drawn from numpy in blocks and consumed in plain Python, which keeps the
-  grammar fast (about 10 microseconds a sentence) and bit-for-bit deterministic: every choice
+  grammar fast (about 11 microseconds a sentence) and bit-for-bit deterministic: every choice
   of the corpus consumes this stream in a fixed order, so the same seed gives the same bytes on
   every machine.
   """

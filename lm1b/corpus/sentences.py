@@ -26,15 +26,16 @@ redrawn. Tokens are LM1B-like: punctuation split off, the first word capitalised
   NumberEcho -> , and all NUMBER PluralNoun were Adj | , but only M of the NUMBER were Adj
               | ( NUMBER in total )                      (repeats a number introduced earlier)
 
-A sentence is drawn in a `Context`: an independent sentence (`Independent`) draws its own tense
-and topic; a sentence of a document (lm1b.corpus.documents) takes them from its document and
-puts the document's people and counts into the grammar's subject and object slots.
+A sentence is drawn in a `Context` (lm1b.corpus.context): an independent sentence draws its
+own tense and topic; a sentence of a document (lm1b.corpus.documents) takes them from its
+document and puts the document's people and counts into the grammar's subject and object slots.
 """
 
 from collections.abc import Callable
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 from lm1b.corpus import vocabulary as V
+from lm1b.corpus.context import Context, Independent
 from lm1b.corpus.draws import Draws
 
 MIN_TOKENS = 5
@@ -55,64 +56,6 @@ class Sentence(NamedTuple):
   tokens: list[str]
   past: bool
   clauses: list[Clause]
-
-
-class Context(Protocol):
-  """What a sentence is drawn in. The grammar asks it at fixed points of every draw; a hook
-  that returns None / False leaves the choice to the grammar. One context serves one draw."""
-
-  def tense_and_topic(self, draws: Draws) -> tuple[bool, int]:
-    """(past tense?, topic index into vocabulary.TOPICS) of the sentence."""
-
-  def dateline(self) -> str | None:
-    """A year that opens the sentence ("In YEAR , ..."), or None."""
-
-  def home_place(self, draws: Draws) -> str | None:
-    """The place for a place phrase, or None for the topic's own draw."""
-
-  def reserves(self, word: str) -> bool:
-    """Whether a drawn surname or number is kept for the context's entities (then redrawn)."""
-
-  def take_subject(self, draft: "SentenceDraft") -> bool:
-    """Appends a singular subject of the context's own, if it has one to place."""
-
-  def take_object(self, draft: "SentenceDraft") -> bool:
-    """Appends an object of the context's own, if it has one to place."""
-
-  def take_count(self, draft: "SentenceDraft", nouns: tuple[list[str], list[str]]) -> bool:
-    """Appends a numbered noun phrase ("the 37 wooden barrels") of the context's own."""
-
-  def finish(self, draft: "SentenceDraft", depth: int) -> None:
-    """Appends what the context still has to place after the sentence's body."""
-
-
-class Independent:
-  """The context of an independent sentence: it draws its tense (45% past) and topic."""
-
-  def tense_and_topic(self, draws: Draws) -> tuple[bool, int]:
-    past = draws.uniform() < 0.45
-    return past, int(draws.uniform() * len(V.TOPICS))
-
-  def dateline(self) -> None:
-    return None
-
-  def home_place(self, draws: Draws) -> None:
-    return None
-
-  def reserves(self, word: str) -> bool:
-    return False
-
-  def take_subject(self, draft: "SentenceDraft") -> bool:
-    return False
-
-  def take_object(self, draft: "SentenceDraft") -> bool:
-    return False
-
-  def take_count(self, draft: "SentenceDraft", nouns) -> bool:
-    return False
-
-  def finish(self, draft: "SentenceDraft", depth: int) -> None:
-    pass
 
 
 def draw_sentence(draws: Draws, new_context: Callable[[], Context] = Independent

@@ -1,9 +1,9 @@
 """The embedded corpus's words: topics with their agents, things and places, verbs with their
 forms, adjectives, adverbs, names, numbers and years (about 1,200 types).
 
-Nouns are listed singular, verbs by their base form (or an explicit (base, third person
-singular, past) triple where irregular); the tables below hold the derived forms. The order of
-every list is part of the corpus: the grammar draws indices into them, and earlier nouns and
+Nouns are listed singular, verbs by their base form (irregular ones as "base/third/past", the
+third person singular present in the middle); the tables below hold the derived forms. The order
+of every list is part of the corpus: the grammar draws indices into them, and earlier nouns and
 verbs are drawn more often.
 """
 
@@ -66,31 +66,25 @@ ADVERBS = (
 
 _INTRANSITIVE_WORDS = (
   "arrive wait laugh complain travel return disappear vote hesitate shout work rest agree "
-  "celebrate smile cry dance listen pray argue knock whisper wander recover retire improve "
-  "fail succeed").split() + [
-  ("sleep", "sleeps", "slept"), ("leave", "leaves", "left"), ("run", "runs", "ran"),
-  ("sing", "sings", "sang"), ("speak", "speaks", "spoke"), ("stop", "stops", "stopped"),
-  ("swim", "swims", "swam"), ("fall", "falls", "fell"), ("win", "wins", "won"),
-  ("lie", "lies", "lay"), ("sit", "sits", "sat"), ("stay", "stays", "stayed")]
+  "celebrate smile cry dance listen pray argue knock whisper wander recover retire improve fail "
+  "succeed sleep/sleeps/slept leave/leaves/left run/runs/ran sing/sings/sang speak/speaks/spoke "
+  "stop/stops/stopped swim/swims/swam fall/falls/fell win/wins/won lie/lies/lay sit/sits/sat "
+  "stay/stays/stayed").split()
 
 _TRANSITIVE_WORDS = (
-  "carry repair paint count move open inspect describe order deliver clean borrow load "
-  "collect protect follow watch visit notice measure examine destroy prepare polish guard "
-  "sign return wash push pull").split() + [
-  ("see", "sees", "saw"), ("build", "builds", "built"), ("sell", "sells", "sold"),
-  ("buy", "buys", "bought"), ("find", "finds", "found"), ("hide", "hides", "hid"),
-  ("lose", "loses", "lost"), ("hold", "holds", "held"), ("bring", "brings", "brought"),
-  ("make", "makes", "made"), ("take", "takes", "took"), ("keep", "keeps", "kept"),
-  ("feed", "feeds", "fed"), ("meet", "meets", "met"), ("catch", "catches", "caught"),
-  ("steal", "steals", "stole"), ("break", "breaks", "broke"), ("choose", "chooses", "chose"),
-  ("drop", "drops", "dropped"), ("forget", "forgets", "forgot"), ("throw", "throws", "threw"),
-  ("write", "writes", "wrote"), ("draw", "draws", "drew"), ("bury", "buries", "buried")]
+  "carry repair paint count move open inspect describe order deliver clean borrow load collect "
+  "protect follow watch visit notice measure examine destroy prepare polish guard sign return "
+  "wash push pull see/sees/saw build/builds/built sell/sells/sold buy/buys/bought "
+  "find/finds/found hide/hides/hid lose/loses/lost hold/holds/held bring/brings/brought "
+  "make/makes/made take/takes/took keep/keeps/kept feed/feeds/fed meet/meets/met "
+  "catch/catches/caught steal/steals/stole break/breaks/broke choose/chooses/chose "
+  "drop/drops/dropped forget/forgets/forgot throw/throws/threw write/writes/wrote "
+  "draw/draws/drew bury/buries/buried").split()
 
 _SPEECH_WORDS = (
-  "claim announce suspect explain insist report believe argue remember").split() + [
-  ("say", "says", "said"), ("think", "thinks", "thought"), ("feel", "feels", "felt"),
-  ("admit", "admits", "admitted"),
-  ("know", "knows", "knew"), ("hear", "hears", "heard"), ("write", "writes", "wrote")]
+  "claim announce suspect explain insist report believe argue remember say/says/said "
+  "think/thinks/thought feel/feels/felt admit/admits/admitted know/knows/knew hear/hears/heard "
+  "write/writes/wrote").split()
 
 FEMALE_NAMES = (
   "Maria Anna Elena Sofia Laura Clara Irene Nadia Olga Rosa Julia Alice Hannah Greta Ines "
@@ -122,10 +116,12 @@ def plural(noun: str) -> str:
   return noun + "s"
 
 
-def verb_forms(verb: str | tuple[str, str, str]) -> tuple[str, str, str]:
-  """(base, third person singular present, past) for a regular base form or an explicit triple."""
-  if isinstance(verb, tuple):
-    return verb
+def verb_forms(verb: str) -> tuple[str, str, str]:
+  """(base, third person singular present, past) of a regular base form, or of an irregular
+  verb written "base/third/past"."""
+  if "/" in verb:
+    base, third, past = verb.split("/")
+    return base, third, past
   if verb.endswith(("s", "x", "z", "ch", "sh", "o")):
     third = verb + "es"
   elif verb.endswith("y") and verb[-2] not in "aeiou":
