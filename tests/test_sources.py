@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lm1b import corpus, paths, sources
+from lm1b.corpus import writer as corpus_writer
 
 TRAIN = corpus.TRAIN_DIR
 HELDOUT = corpus.HELDOUT_DIR
@@ -46,8 +47,8 @@ def test_tarball_layout_and_test_shards(tmp_path):
 
 
 def test_embedded_source_reads_generated_corpus(tmp_path, monkeypatch):
-  monkeypatch.setattr(corpus, "TRAIN_SENTENCES_PER_SHARD", 40)
-  monkeypatch.setattr(corpus, "HELDOUT_SENTENCES_PER_SHARD", 15)
+  monkeypatch.setattr(corpus_writer, "TRAIN_SENTENCES_PER_SHARD", 40)
+  monkeypatch.setattr(corpus_writer, "HELDOUT_SENTENCES_PER_SHARD", 15)
   source = sources.make_source("embedded", path=str(tmp_path))
   assert isinstance(source, sources.EmbeddedSource) and source.name == "embedded_corpus_v1"
   train, test = list(source.sentences("train")), list(source.sentences("test"))
@@ -58,8 +59,8 @@ def test_embedded_source_reads_generated_corpus(tmp_path, monkeypatch):
 
 
 def test_embedded_documents_kind_via_gin(tmp_path, monkeypatch, caplog):
-  monkeypatch.setattr(corpus, "TRAIN_SENTENCES_PER_SHARD", 40)
-  monkeypatch.setattr(corpus, "HELDOUT_SENTENCES_PER_SHARD", 15)
+  monkeypatch.setattr(corpus_writer, "TRAIN_SENTENCES_PER_SHARD", 40)
+  monkeypatch.setattr(corpus_writer, "HELDOUT_SENTENCES_PER_SHARD", 15)
   gin.parse_config(f"make_source.kind = 'embedded_documents'\nmake_source.path = '{tmp_path}'")
   with caplog.at_level(logging.WARNING):
     source = sources.make_source()
