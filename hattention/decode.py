@@ -47,7 +47,8 @@ import jax
 import jax.numpy as jnp
 
 from hattention import relative_position
-from hattention.geometry import QUERY_MODES, level_count
+from hattention.geometry import QUERY_MODES, check_power_of_two, level_count
+from hattention.softmax import masked_softmax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +93,7 @@ def _check_positive(name: str, value) -> None:
 
 
 def _check_config(block_size, query_mode, num_levels) -> None:
-  if (not isinstance(block_size, int) or block_size < 2
-      or block_size & (block_size - 1)):
-    raise ValueError(f"block_size={block_size!r} must be a power of two >= 2")
+  check_power_of_two("block_size", block_size)
   if query_mode not in QUERY_MODES:
     raise ValueError(f"query_mode={query_mode!r} must be one of {QUERY_MODES}")
   if query_mode == "mean":
@@ -248,16 +247,9 @@ def _attend(cache: HierarchicalCache, query, position, levels, table=None):
   logits = jnp.concatenate([fine, coarse.reshape(batch, heads, -1)], axis=-1)
   mask = jnp.concatenate([_recent_mask(cache, position),
                           _coarse_mask(cache, position, levels).reshape(-1)])
-  logits = jnp.where(mask, logits, -jnp.inf)
-  row_max = jnp.max(logits, axis=-1, keepdims=True)
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  weights = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
-  denom = weights.sum(-1, keepdims=True)
-  probs = weights / jnp.where(denom > 0, denom, 1.0)
-  slots = 2 * cache.block_size
-  out = jnp.einsum("bhs,bhsd->bhd", probs[..., :slots],
-                   cache.recent_values.astype(jnp.float32))
-  coarse_probs = probs[..., slots:].reshape(coarse.shape) * inv_width[:, None]
+  fine_probs, coarse_probs = jnp.split(masked_softmax(logits, mask), [fine.shape[-1]], axis=-1)
+  out = jnp.einsum("bhs,bhsd->bhd", fine_probs, cache.recent_values.astype(jnp.float32))
+  coarse_probs = coarse_probs.reshape(coarse.shape) * inv_width[:, None]
   return out + jnp.einsum("bhls,bhlsd->bhd", coarse_probs, cache.value_sums)
 
 

@@ -47,8 +47,18 @@ from typing import NamedTuple
 QUERY_MODES = ("sample", "fine", "mean")
 
 
+def check_power_of_two(name: str, value) -> None:
+  """Raises ValueError naming `name` and `value` unless value is an int power of two >= 2.
+
+  The one check of a block size (and of attention's chunk size) for every caller.
+  """
+  if not isinstance(value, int) or isinstance(value, bool) or value < 2 or value & (value - 1):
+    raise ValueError(f"{name} must be a power of two >= 2, got {value!r}")
+
+
 def padded_length(length: int, block_size: int) -> int:
-  """Smallest block_size * 2**M >= length with M >= 1."""
+  """Smallest block_size * 2**M >= length with M >= 1 (block_size: a power of two >= 2)."""
+  check_power_of_two("block_size", block_size)
   padded = 2 * block_size
   while padded < length:
     padded *= 2
@@ -92,8 +102,7 @@ def packing_slot(length: int, block_size: int) -> PackingSlot:
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
       raise ValueError(f"packing_slot: {name} must be a positive int, got {value!r}")
   length, block_size = int(length), int(block_size)
-  if block_size < 2 or block_size & (block_size - 1):
-    raise ValueError(f"packing_slot: block_size must be a power of two >= 2, got {block_size}")
+  check_power_of_two("packing_slot: block_size", block_size)
   window = padded_length(length, block_size) // 2
   largest_cell = window // block_size  # 2**(M - 1) positions
   alignment = 1 if window == block_size else window // 2

@@ -37,6 +37,7 @@ import numpy as np
 
 from hattention import relative_position
 from hattention.geometry import padded_length
+from hattention.softmax import masked_softmax
 
 
 def level_map(padded: int, block_size: int) -> np.ndarray:
@@ -169,11 +170,5 @@ def hierarchical_attention_reference(query, key, value, *, block_size=16,
           relative_position.level_table(table, level), index)
     logits = jnp.where(levels == level, logits_l, logits)
 
-  logits = jnp.where(allowed, logits, -jnp.inf)
-  row_max = jnp.max(logits, axis=-1, keepdims=True)
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  weights = jnp.where(allowed, jnp.exp(logits - row_max), 0.0)
-  denom = weights.sum(-1, keepdims=True)
-  probs = weights / jnp.where(denom > 0, denom, 1.0)
-  out = jnp.einsum("bhts,bshd->bthd", probs, v)
+  out = jnp.einsum("bhts,bshd->bthd", masked_softmax(logits, allowed), v)
   return out[:, :length].astype(query.dtype)

@@ -51,6 +51,8 @@ def test_config_wrapper_and_errors():
     flops.model_flops_per_token(**SIZES, seq_len=64, attention="sparse")
   with pytest.raises(ValueError, match="num_heads=7"):
     flops.model_flops_per_token(**dict(SIZES, num_heads=7), seq_len=64)
+  with pytest.raises(ValueError, match="block_size must be a power of two >= 2, got 12"):
+    flops.model_flops_per_token(**SIZES, seq_len=64, block_size=12)
 
 
 def test_peak_flops_table():

@@ -1,6 +1,7 @@
 """Tests for hattention/geometry.py: padding, and where a packed segment gets its own outputs."""
 
 import functools
+import re
 import warnings
 
 import jax
@@ -8,13 +9,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hattention import hierarchical_attention, packing_slot, padded_length
+from hattention import (hierarchical_attention, init_cache, level_count, packing_slot,
+                        padded_length)
 from hattention.reference import level_map
 
 
 def test_padded_length():
   assert [padded_length(n, 4) for n in (1, 8, 9, 16, 17, 33)] == [8, 8, 16, 16, 32, 64]
   assert padded_length(1024, 16) == 1024 and padded_length(1025, 16) == 2048
+
+
+@pytest.mark.parametrize("bad", [12, 1, 0, -4, 16.0, True])
+def test_every_caller_rejects_a_block_size_that_is_not_a_power_of_two(bad):
+  """One check (geometry.check_power_of_two) behind the padding, the level count, the fast
+  attention and the decoding cache, with the same message naming the value."""
+  message = f"block_size must be a power of two >= 2, got {bad!r}"
+  x = jnp.zeros((1, 8, 1, 4))
+  for call in (lambda: padded_length(8, bad), lambda: level_count(8, bad),
+               lambda: hierarchical_attention(x, x, x, block_size=bad),
+               lambda: init_cache(1, 8, 1, 4, block_size=bad)):
+    with pytest.raises(ValueError, match=re.escape(message)):
+      call()
 
 
 def test_packing_slot_by_hand():
