@@ -197,7 +197,7 @@ def test_make_source_kinds_and_gin(tmp_path):
 
 def test_clean_lines_property_small_limit(monkeypatch):
   """Random lines, random chunking, a 20-char limit: pieces are bounded and lose no text."""
-  monkeypatch.setattr(sources, "MAX_LINE_CHARS", 20)
+  monkeypatch.setattr(text_lines, "MAX_LINE_CHARS", 20)
   rng = np.random.default_rng(0)
   alphabet = list("ab\u00e9\u65e5") + [" ", "  ", "\t", "\u3000"]
   for _ in range(300):
