@@ -32,7 +32,8 @@ from orbax.checkpoint import checkpoint_managers
 
 from benchmarks import common
 from lm1b import checkpoints, checksum, optim
-from lm1b.model import DecoderLM, ModelConfig
+from lm1b.model import DecoderLM
+from lm1b.model_config import ModelConfig
 
 MODEL_53M = ModelConfig(vocab_size=32768, num_layers=6, num_heads=8, d_model=512, d_ff=2048,
                         max_len=512, block_size=16, dtype="float32")

@@ -9,15 +9,16 @@ tokens of all rows.
 """
 
 import argparse
+import dataclasses
 import os
 
-import gin
 import jax
 import numpy as np
 
 from benchmarks import common
-from lm1b import train  # noqa: F401  (registers every gin configurable)
-from lm1b.model import DecoderLM, ModelConfig
+from lm1b import cli, run_config
+from lm1b.model import DecoderLM
+from lm1b.model_config import ModelConfig
 from lm1b.sampling import generate
 from lm1b.tokenizer import BOS_ID
 
@@ -26,9 +27,8 @@ TINY_GIN = os.path.join(common.REPO_DIR, "gin", "tiny.gin")
 
 def tiny_config(attention: str, max_len: int) -> ModelConfig:
   """ModelConfig of gin/tiny.gin with the given attention and max_len."""
-  gin.clear_config()
-  gin.parse_config_files_and_bindings([TINY_GIN], [])
-  return ModelConfig(attention=attention, max_len=max_len)
+  cli.parse_gin([TINY_GIN], [])
+  return dataclasses.replace(run_config.build().model, attention=attention, max_len=max_len)
 
 
 def tokens_per_second(config: ModelConfig, length: int, batch: int) -> float:

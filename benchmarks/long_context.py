@@ -33,10 +33,11 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from lm1b import (batches, cli, evaluate, experiment, input_pipeline, model,  # noqa: E402
-                  optim, partitioning, paths, sources, steps)
+from lm1b import (batches, cli, evaluate, experiment, input_pipeline,  # noqa: E402
+                  partitioning, paths, run_config, steps)
 from lm1b.prefetch import Prefetcher  # noqa: E402
 from lm1b.token_cache import TokenizedSplit  # noqa: E402
+from lm1b.workdir import Workdir  # noqa: E402
 
 CONFIGS = ("full_64", "full_256", "full_1024", "sample_1024", "sample_4096", "fine_1024",
            "fine_4096", "block_local_4096")
@@ -46,9 +47,9 @@ CURVE_SENTENCES = 400  # the test sentences scored for the learning curves
 GIN_PARAMS: list[str] = []  # --gin_param bindings applied to every configuration
 
 
-def parse(name: str) -> tuple[model.ModelConfig, input_pipeline.InputConfig]:
+def parse(name: str) -> run_config.RunConfig:
   cli.parse_gin([cli.resolve_gin_file(f"gin/long_context/{name}.gin")], GIN_PARAMS)
-  return model.ModelConfig(), input_pipeline.InputConfig()
+  return run_config.build()
 
 
 def head(split: TokenizedSplit, sentences: int) -> TokenizedSplit:
@@ -73,13 +74,12 @@ class Run:
   """A configuration's model, state, train step, batches (rows as `inputs.mode` says) and
   evaluator."""
 
-  def __init__(self, configs: tuple[model.ModelConfig, input_pipeline.InputConfig], seed: int,
-               data: input_pipeline.PreparedData):
-    config, self.inputs = configs
-    config = experiment.resolve_model_config(config, data.tokenizer.vocab_size,
-                                             self.inputs.seq_len)
-    self.mesh = partitioning.make_mesh()
-    spec = experiment.make_state_spec(config, optim.make_optimizer(10**9), self.mesh)
+  def __init__(self, run: run_config.RunConfig, seed: int, data: input_pipeline.PreparedData):
+    self.inputs = run.inputs
+    config = experiment.with_vocab(run.model, data.tokenizer.vocab_size)
+    self.mesh = run.mesh()
+    optimizer = run.optimizer(10**9, schedule_options=run.schedule.values)
+    spec = experiment.make_state_spec(config, optimizer, self.mesh)
     self.state = experiment.init_state(spec, seed)
     self.step = steps.make_train_step(spec, label_smoothing=0.0)
     self.evaluator = evaluate.Evaluator(config, self.mesh, spec.shardings.params)
@@ -108,9 +108,10 @@ class Run:
 
 def prepare() -> input_pipeline.PreparedData:
   """Tokenizer (trained once, shared by every configuration) and token caches."""
-  parse(CONFIGS[0])
-  workdir = paths.data_root() / "long_context_tokenizer"
-  return input_pipeline.prepare_data(workdir, sources.make_source(), ("train", "test"))
+  run = parse(CONFIGS[0])
+  workdir = Workdir(paths.data_root() / "long_context_tokenizer")
+  return input_pipeline.prepare_data(workdir.tokenizer, run.source(), ("train", "test"),
+                                     train_tokenizer=run.tokenizer)
 
 
 def estimate_seconds(name: str, data, tokens: int, steps_timed: int = 10) -> float:

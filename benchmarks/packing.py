@@ -26,7 +26,8 @@ import time
 import numpy as np
 
 from benchmarks import common
-from lm1b import batches, experiment, model, sources, tokenizer
+from lm1b import batches, experiment, sources, tokenizer
+from lm1b.model_config import ModelConfig
 from lm1b.token_cache import TokenizedSplit
 
 BLOCK = 16
@@ -49,7 +50,7 @@ def embedded_split(sentences: int) -> TokenizedSplit:
   source = sources.make_source("embedded")
   with tempfile.TemporaryDirectory() as workdir:
     sample = (s for _, s in zip(range(sentences), source.sentences("train")))
-    path = pathlib.Path(workdir) / tokenizer.MODEL_FILENAME
+    path = pathlib.Path(workdir) / "tokenizer.model"
     tokenizer.train_tokenizer(path, sample, vocab_size=1024, sample_sentences=sentences,
                               model_type="bpe", character_coverage=1.0)
     tok = tokenizer.load_tokenizer(path)
@@ -62,7 +63,7 @@ def embedded_split(sentences: int) -> TokenizedSplit:
 
 
 def slots() -> dict[str, batches.Slot]:
-  hierarchical = model.ModelConfig(attention="hierarchical", block_size=BLOCK)
+  hierarchical = ModelConfig(attention="hierarchical", block_size=BLOCK)
   return {"sentence": batches.contiguous_slot, "packed, full": batches.contiguous_slot,
           "packed, hierarchical": experiment.packing_slot_for(hierarchical)}
 

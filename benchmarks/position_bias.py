@@ -41,7 +41,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 
 from benchmarks import common, long_context  # noqa: E402
-from lm1b import cli, evaluate, input_pipeline, model, paths, sources  # noqa: E402
+from lm1b import cli, evaluate, input_pipeline, paths, run_config  # noqa: E402
+from lm1b.workdir import Workdir  # noqa: E402
 
 _NONE = 'ModelConfig.position_encoding = "none"'
 _HIER = 'ModelConfig.relative_bias = "hierarchical"'
@@ -83,12 +84,12 @@ def gin_of(experiment: str) -> tuple[str, tuple[str, ...]]:
   return EXPERIMENTS.get(experiment, (f"gin/long_context/{experiment}.gin", ()))
 
 
-def parse(run: str) -> tuple[model.ModelConfig, input_pipeline.InputConfig]:
+def parse(run: str) -> run_config.RunConfig:
   """The configurations of "experiment:position"."""
   experiment, position = run.split(":")
   gin_file, bindings = gin_of(experiment)
   cli.parse_gin([cli.resolve_gin_file(gin_file)], list(bindings) + list(POSITIONS[position]))
-  return model.ModelConfig(), input_pipeline.InputConfig()
+  return run_config.build()
 
 
 def corpus_of(experiment: str) -> str:
@@ -101,8 +102,10 @@ def prepare(experiment: str) -> input_pipeline.PreparedData:
   """Tokenizer and token caches of an experiment's corpus (shared by its runs)."""
   gin_file, bindings = gin_of(experiment)
   cli.parse_gin([cli.resolve_gin_file(gin_file)], list(bindings))
-  workdir = paths.data_root() / corpus_of(experiment)
-  return input_pipeline.prepare_data(workdir, sources.make_source(), ("train", "test"))
+  run = run_config.build()
+  workdir = Workdir(paths.data_root() / corpus_of(experiment))
+  return input_pipeline.prepare_data(workdir.tokenizer, run.source(), ("train", "test"),
+                                     train_tokenizer=run.tokenizer)
 
 
 @dataclasses.dataclass

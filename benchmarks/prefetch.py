@@ -23,7 +23,7 @@ import jax
 
 from benchmarks import common, packing
 from lm1b import batches, experiment, optim, partitioning, steps
-from lm1b.model import ModelConfig
+from lm1b.model_config import ModelConfig
 from lm1b.prefetch import Prefetcher
 
 

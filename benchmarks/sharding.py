@@ -52,7 +52,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from lm1b import cli, experiment, input_pipeline, model, optim, partitioning, steps  # noqa: E402
+from lm1b import cli, experiment, optim, partitioning, run_config, steps  # noqa: E402
+from lm1b.model_config import ModelConfig  # noqa: E402
 
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
                "collective-permute")
@@ -143,7 +144,7 @@ def _abstract_batch(mesh, global_batch: int, seq_len: int) -> dict:
                                           sharding=sharding)}
 
 
-def measure(model_config: model.ModelConfig, mesh_sizes: tuple[int, int, int],
+def measure(model_config: ModelConfig, mesh_sizes: tuple[int, int, int],
             global_batch: int, seq_len: int, *, rules: bool = True) -> dict:
   """Compiles the train step for one mesh; returns the JSON record described above."""
   mesh = partitioning.make_mesh(*mesh_sizes)
@@ -188,8 +189,9 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   files = [cli.resolve_gin_file(f) for f in (args.gin_file or ["gin/lm1b_53m.gin"])]
   cli.parse_gin(files, args.gin_param)
-  model_config = model.ModelConfig()
-  seq_len = args.seq_len or input_pipeline.InputConfig().seq_len
+  run = run_config.build()
+  model_config = run.model
+  seq_len = args.seq_len or run.inputs.seq_len
   records = []
   rules = {"yes": (True,), "no": (False,), "both": (True, False)}[args.rules]
   for sizes in args.mesh or [(8, 1, 1), (1, 8, 1), (2, 2, 2)]:

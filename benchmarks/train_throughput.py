@@ -30,7 +30,7 @@ import numpy as np
 
 from benchmarks import common, packing
 from lm1b import batches, experiment, flops, optim, partitioning, steps
-from lm1b.model import ModelConfig
+from lm1b.model_config import ModelConfig
 
 MODELS = {
     "tiny": dict(vocab_size=1024, num_layers=2, num_heads=4, d_model=128, d_ff=512,

@@ -27,103 +27,31 @@ tracebacks, are kept off the console unless the `lm1b.checkpoints` logger is at 
 
 import logging
 import os
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from lm1b import checksum
+from lm1b.checkpoint_types import (
+    CheckpointError, CheckpointMismatchError, CheckpointWriteError, CorruptCheckpointError,
+    Damaged, NoCheckpointError, Restored, ShapeDtype, describe_damaged, listing,
+    shape_problems, shapes, summarize_error)
 from lm1b import orbax_quiet
 from lm1b import storage
+from lm1b.chief import is_chief
 
+__all__ = ["Checkpointer", "CheckpointError", "CheckpointMismatchError", "CheckpointWriteError",
+           "CorruptCheckpointError", "Damaged", "NoCheckpointError", "Restored",
+           "describe_damaged", "summarize_error", "CORRUPT_DIR", "RESERVED_ITEMS"]
 _LOG = logging.getLogger(__name__)
 _DATA, _CONFIG, _CHECKSUMS = "data", "config", "checksums"
 RESERVED_ITEMS = (_DATA, _CONFIG, _CHECKSUMS)
 CORRUPT_DIR = "corrupt"
-_MAX_LISTED = 4
 _RELIST_ATTEMPTS = 3
-
-
-class CheckpointError(Exception):
-  """Base of the checkpoint errors; the message is one line."""
-
-
-class CorruptCheckpointError(CheckpointError):
-  """A step that cannot be read back as it was written (unreadable file, checksum mismatch)."""
-
-  def __init__(self, path: str, reason: str):
-    super().__init__(f"checkpoint {path} is damaged: {reason}")
-    self.path, self.reason = path, reason
-
-
-class CheckpointMismatchError(CheckpointError):
-  """The checkpoint holds arrays of other shapes/dtypes (or paths) than the model expects."""
-
-
-class CheckpointWriteError(CheckpointError):
-  """A save failed (in the background for asynchronous saves)."""
-
-
-class NoCheckpointError(CheckpointError, FileNotFoundError):
-  """The requested step (or any step) does not exist."""
-
-
-class Damaged(NamedTuple):
-  """A step skipped by `restore_latest_valid`."""
-  step: int
-  reason: str
-
-
-def describe_damaged(directory: str, damaged: Sequence[Damaged]) -> str:
-  """One line naming the damaged steps of `directory` and why, e.g. 'checkpoint
-  /w/checkpoints/40 is damaged (params metadata: ...)'."""
-  return "; ".join(f"checkpoint {epath.Path(directory) / str(d.step)} is damaged ({d.reason})"
-                   for d in damaged)
-
-
-class Restored(NamedTuple):
-  """What `Checkpointer.restore` returns.
-
-  items: {name: PyTree of jax.Arrays} for the requested items only; damaged: newer steps
-  skipped by restore_latest_valid (newest first), empty otherwise.
-  """
-  items: dict
-  data_state: dict
-  config_text: str
-  step: int
-  damaged: list
-  tokenizer_digest: str | None = None  # None for checkpoints saved without one
-
-
-class ShapeDtype(NamedTuple):
-  shape: tuple
-  dtype: np.dtype
-
-
-def summarize_error(error: BaseException, limit: int = 300) -> str:
-  """One readable line for an Orbax/TensorStore/OS error: its innermost cause.
-
-  Orbax wraps TensorStore failures in 'Encountered error while reading array index ...
-  See full TensorStore details: <bound method ...>'; the cause carries the real message.
-  Longer than `limit`: the middle is elided.
-  """
-  chain = [error]
-  while (chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 32:
-    chain.append(chain[-1].__cause__ or chain[-1].__context__)
-  innermost = chain[-1]
-  if isinstance(innermost, OSError) and innermost.strerror:
-    text = innermost.strerror + (f": {innermost.filename}" if innermost.filename else "")
-  else:
-    text = f"{type(innermost).__name__}: {innermost}"
-  text = " ".join(text.split())
-  if len(text) <= limit:
-    return text
-  half = (limit - 5) // 2  # TensorStore puts the OS error at the end: keep both ends
-  return f"{text[:half]} ... {text[-half:]}"
 
 
 def _plain(data_state: Mapping[str, Any]) -> dict:
@@ -131,40 +59,7 @@ def _plain(data_state: Mapping[str, Any]) -> dict:
   return {str(k): v.item() if hasattr(v, "item") else v for k, v in data_state.items()}
 
 
-def _is_chief() -> bool:
-  return jax.process_index() == 0
-
-
 # -- the checkpointer ----------------------------------------------------------------------------
-def _shapes(tree: Any) -> dict[str, ShapeDtype]:
-  """{tree path: (shape, dtype)} of the leaves of an abstract or metadata tree."""
-  return {checksum.path_name(path): ShapeDtype(tuple(leaf.shape), np.dtype(leaf.dtype))
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _describe(spec: ShapeDtype) -> str:
-  return f"{spec.shape} {spec.dtype}"
-
-
-def _shape_problems(item: str, saved: dict[str, ShapeDtype],
-                    wanted: dict[str, ShapeDtype]) -> list[str]:
-  problems = []
-  for path, spec in wanted.items():
-    if path not in saved:
-      problems.append(f"{item}/{path}: not in the checkpoint")
-    elif saved[path] != spec:
-      problems.append(f"{item}/{path}: saved {_describe(saved[path])}, now {_describe(spec)}")
-  problems += [f"{item}/{path}: in the checkpoint but not in the model"
-               for path in saved if path not in wanted]
-  return problems
-
-
-def _listing(problems: Sequence[str]) -> str:
-  shown = "; ".join(problems[:_MAX_LISTED])
-  more = len(problems) - _MAX_LISTED
-  return shown + (f"; and {more} more" if more > 0 else "")
-
-
 class Checkpointer:
   """Saves and restores checkpoints under `directory` (one sub-directory per step), a local
   directory or a gs:// URL (lm1b.storage).
@@ -179,13 +74,16 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str | os.PathLike, *, keep: int = 3,
-               save_every: int = 1000, async_save: bool = True, read_only: bool = False):
+               save_every: int = 1000, async_save: bool = True, read_only: bool = False,
+               quarantine: str | os.PathLike | None = None):
     if keep < 1:
       raise ValueError(f"Checkpointer keep={keep} must be >= 1")
     if save_every < 1:
       raise ValueError(f"Checkpointer save_every={save_every} must be >= 1")
     orbax_quiet.install()
     self.directory = storage.resolve(directory)  # local (absolute) or gs://
+    self.quarantine_directory = (storage.resolve(quarantine) if quarantine is not None else
+                                 str(epath.Path(self.directory) / CORRUPT_DIR))
     self.save_every = save_every
     self.read_only = read_only
     self._saving_step: int | None = None
@@ -311,7 +209,7 @@ class Checkpointer:
     except Exception as error:  # pylint: disable=broad-except
       raise CorruptCheckpointError(self.step_path(step),
                                    f"{item} metadata: {summarize_error(error)}") from error
-    return _shapes(getattr(metadata, "tree", metadata))
+    return shapes(getattr(metadata, "tree", metadata))
 
   def check_compatible(self, abstract_items: Mapping[str, Any],
                        step: int | None = None) -> int | None:
@@ -334,11 +232,11 @@ class Checkpointer:
     step = self._existing_step(step)
     problems = []
     for item, abstract in abstract_items.items():
-      problems += _shape_problems(item, self._saved_shapes(step, item), _shapes(abstract))
+      problems += shape_problems(item, self._saved_shapes(step, item), shapes(abstract))
     if problems:
       raise CheckpointMismatchError(
           f"checkpoint {self.step_path(step)} does not match the configured model: "
-          f"{_listing(problems)}")
+          f"{listing(problems)}")
     return step
 
   def restore(self, abstract_items: Mapping[str, Any], step: int | None = None) -> Restored:
@@ -404,7 +302,7 @@ class Checkpointer:
           damaged.append(Damaged(step, error.reason))
     if damaged:
       raise CorruptCheckpointError(
-          self.directory, "every step is damaged: " + _listing(
+          self.directory, "every step is damaged: " + listing(
               [f"step {d.step}: {d.reason}" for d in damaged]))
     return None
 
@@ -421,7 +319,8 @@ class Checkpointer:
 
   # -- damaged steps -------------------------------------------------------------------------
   def quarantine(self, steps: Sequence[int]) -> list[str]:
-    """Moves the given step directories to <directory>/corrupt/<step> (never deletes).
+    """Moves the given step directories to <quarantine directory>/<step> (never deletes;
+    default quarantine directory <directory>/corrupt).
 
     A taken name gets a suffix (<step>.1, <step>.2, ...). Process 0 moves; afterwards every
     process sees the new step list, and the steps' numbers can be saved again. Returns the
@@ -430,7 +329,7 @@ class Checkpointer:
     self._check_writable("move damaged steps aside")
     self.wait()
     moved = []
-    if _is_chief():
+    if is_chief():
       for step in steps:
         source = epath.Path(self.step_path(step))
         if source.is_dir():
@@ -441,7 +340,7 @@ class Checkpointer:
     return moved
 
   def _move_aside(self, source: epath.Path, name: str) -> str:
-    corrupt = epath.Path(self.directory) / CORRUPT_DIR
+    corrupt = epath.Path(self.quarantine_directory)
     target, suffix = corrupt / name, 0
     while target.exists():
       suffix += 1

@@ -1,6 +1,7 @@
 """Command lines of the top-level train.py, eval.py and sample.py.
 
-Each entry point parses its flags, parses the gin configuration and calls one library function.
+Each entry point parses its flags, parses the gin configuration once into a RunConfig
+(lm1b.run_config) and calls one library function with it.
 Exit codes: 0 success (also a run stopped by SIGTERM/SIGINT with a complete checkpoint),
 1 a failed run (non-finite loss, unreadable data or checkpoints), 2 bad flags, gin bindings or
 configuration values (nothing is written to the workdir in that case), 128 + the signal number
@@ -9,8 +10,13 @@ peer process (`supervisor`). Expected failures print one line (`--verbose` adds 
 
 Configuration:
   train.py   --gin_file (repeatable, default gin/tiny.gin) and --gin_param (repeatable).
-  eval.py    reads WORKDIR/config.gin, the configuration saved when training started, so the
-  sample.py  same model is rebuilt; --gin_param adds or overrides bindings.
+  eval.py    read the configuration from one place: WORKDIR/config.gin, saved when training
+  sample.py  started, so that the same model is rebuilt; --gin_param adds or overrides
+             bindings. The checkpoint's checksummed copy of the configuration is not a second
+             source but the reference: config.gin must agree with it (fields that may change on
+             resume aside) or the reader refuses, unless --accept_mismatch. config.gin is the
+             source because it is the file a user reads and edits, and the one --gin_param
+             overrides (another batch mode, an overlap) apply to.
 
 Multi-host (e.g. a Cloud TPU pod slice): pass --multihost, or set JAX_COORDINATOR_ADDRESS
 (with JAX_NUM_PROCESSES and JAX_PROCESS_ID), and `jax.distributed.initialize()` is called
@@ -31,10 +37,11 @@ import gin
 import jax
 from etils import epath
 
-from lm1b import (checkpoints, distributed, evaluate, native_output, paths, sampling,
-                  sources, storage, supervisor, train)
-from lm1b import workdir as workdir_lib
+from lm1b import (checkpoints, distributed, evaluate, native_output, paths, run_config,
+                  sampling, sources, storage, supervisor, train)
 from lm1b.errors import ConfigError
+from lm1b.train_metrics import NonFiniteLossError
+from lm1b.workdir import Workdir
 from lm1b.workdir_lock import WorkdirLockedError
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -53,8 +60,9 @@ def resolve_gin_file(name: str) -> str:
 
 
 def _one_line(error: BaseException) -> str:
-  """gin's message squeezed onto a line (its location lines joined with ' | ')."""
-  lines = [line.strip() for line in str(error).splitlines()
+  """The message on one line: a configuration error names its gin binding; gin's location
+  lines are joined with ' | '."""
+  lines = [line.strip() for line in run_config.describe_error(error).splitlines()
            if line.strip() and not line.strip().startswith("In call to configurable")]
   return " | ".join(lines) or type(error).__name__
 
@@ -162,18 +170,17 @@ def _setup(args: argparse.Namespace, *, devices: bool = True) -> None:
   if not devices:
     return
   if multiprocess:
-    distributed.initialize(epath.Path(args.workdir) / workdir_lib.CHECKPOINT_DIR)
+    distributed.initialize(Workdir(args.workdir).checkpoints)
   enable_compilation_cache(args.compilation_cache)
 
 
-def _workdir_config(workdir: str) -> str:
+def _workdir_config(workdir: Workdir) -> str:
   """The path of WORKDIR/config.gin (local or gs://); ConfigError naming it if missing."""
-  storage.check_location(workdir, "--workdir")
-  path = epath.Path(workdir) / workdir_lib.CONFIG_FILE
-  if not path.is_file():
-    raise ConfigError(f"{path} not found: is --workdir a training run directory?")
-  workdir_lib.read_config(workdir)  # names the file if it is not UTF-8 or truncated
-  return str(path)
+  storage.check_location(str(workdir), "--workdir")
+  if not workdir.config.is_file():
+    raise ConfigError(f"{workdir.config} not found: is --workdir a training run directory?")
+  workdir.read_config()  # names the file if it is not UTF-8 or truncated
+  return str(workdir.config)
 
 
 def _check_output_dir(path: str | None) -> None:
@@ -198,7 +205,7 @@ _EXIT_CODES = (
     (checkpoints.CheckpointMismatchError, EXIT_CONFIG_ERROR),  # another model's checkpoints
     (sources.DataUnavailableError, EXIT_FAILURE),
     (WorkdirLockedError, EXIT_FAILURE),
-    (train.NonFiniteLossError, EXIT_FAILURE),
+    (NonFiniteLossError, EXIT_FAILURE),
     (checkpoints.CheckpointError, EXIT_FAILURE),
     (FileNotFoundError, EXIT_FAILURE),
     (ValueError, EXIT_FAILURE),
@@ -220,7 +227,7 @@ def _run(function: Callable[[], int | None], args: argparse.Namespace) -> int:
   if (_multiprocess(args) and not verbose and not supervisor.is_child()
       and not getattr(args, "prepare_only", False)):
     return supervisor.run_child(native_output.default_path(),
-                                epath.Path(args.workdir) / workdir_lib.CHECKPOINT_DIR)
+                                Workdir(args.workdir).checkpoints)
   try:
     return function() or 0
   except Exception as error:  # pylint: disable=broad-except
@@ -254,11 +261,13 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
   def run() -> int:
     parse_gin(files, args.gin_param)
+    config = run_config.build()
     _setup(args, devices=not args.prepare_only)
+    workdir = Workdir(args.workdir)
     if args.prepare_only:
-      train.prepare_only(args.workdir)
+      train.prepare_only(config, workdir)
       return 0
-    return _train_exit_code(train.train_and_evaluate(args.workdir))
+    return _train_exit_code(train.train_and_evaluate(config, workdir))
 
   return _run(run, args)
 
@@ -275,9 +284,11 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 
   def run():
     _check_output_dir(args.output)
-    parse_gin([_workdir_config(args.workdir)], args.gin_param)
+    workdir = Workdir(args.workdir)
+    parse_gin([_workdir_config(workdir)], args.gin_param)
+    config = run_config.build()
     _setup(args)
-    evaluate.evaluate_workdir(args.workdir, step=args.step, split=args.split,
+    evaluate.evaluate_workdir(config, workdir, step=args.step, split=args.split,
                               output=args.output, accept_mismatch=args.accept_mismatch)
 
   return _run(run, args)
@@ -314,11 +325,13 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
 
   def run():
     _check_sample_flags(args)
-    parse_gin([_workdir_config(args.workdir)], args.gin_param)
+    workdir = Workdir(args.workdir)
+    parse_gin([_workdir_config(workdir)], args.gin_param)
+    config = run_config.build()
     _setup(args)
     prompts = args.prompt or ["the"]
     step, texts = sampling.sample_workdir(
-        args.workdir, prompts, step=args.step, seed=args.seed, num_samples=args.num_samples,
+        config, workdir, prompts, step=args.step, seed=args.seed, num_samples=args.num_samples,
         max_length=args.max_length, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, accept_mismatch=args.accept_mismatch)
     print(f"# step {step}, seed {args.seed}", flush=True)

@@ -1,15 +1,10 @@
-"""User-facing console lines: printed once (by process 0), logged everywhere."""
+"""User-facing console lines: printed once (by the chief process), logged everywhere."""
 
 import logging
 
-import jax
+from lm1b.chief import is_chief
 
 _LOG = logging.getLogger(__name__)
-
-
-def is_chief() -> bool:
-  """Process 0 of a multi-process run, or the only process; never starts a backend."""
-  return not jax.distributed.is_initialized() or jax.process_index() == 0
 
 
 def say(message: str) -> None:

@@ -10,7 +10,7 @@ up on the host in float64:
   per_token_perplexity = exp(loss)
   per_word_perplexity  = exp(total NLL / words)
 
-`evaluate_workdir` (python eval.py) needs only the workdir's config.gin, tokenizer and
+`evaluate_workdir` (python eval.py) needs only the run's configuration, the workdir's tokenizer and
 parameters, and the split to score: it restores the parameters alone (never the optimizer
 state) and never reads the training data.
 """
@@ -25,12 +25,14 @@ from lm1b import batches as batches_lib
 from lm1b import experiment
 from lm1b import input_pipeline
 from lm1b import metrics as metrics_lib
-from lm1b import model as model_lib
 from lm1b import partitioning
-from lm1b import sources
 from lm1b import steps
 from lm1b import workdir as workdir_lib
+from lm1b.chief import is_chief
 from lm1b.console import say
+from lm1b.model_config import ModelConfig
+from lm1b.run_config import RunConfig
+from lm1b.workdir import Workdir
 from lm1b.token_cache import TokenizedSplit
 from lm1b.tokenizer import EOS_ID
 
@@ -38,7 +40,7 @@ from lm1b.tokenizer import EOS_ID
 class Evaluator:
   """Scores eval batches with a model; one compilation per (model, mesh, batch shape)."""
 
-  def __init__(self, model_config: model_lib.ModelConfig, mesh: jax.sharding.Mesh,
+  def __init__(self, model_config: ModelConfig, mesh: jax.sharding.Mesh,
                param_shardings: Any):
     self.batch_sharding = partitioning.batch_sharding(mesh)
     self._step = steps.make_eval_step(model_config, mesh, param_shardings)
@@ -82,34 +84,35 @@ def describe_result(result: dict) -> str:
           f"per-word ppl {result['per_word_perplexity']:.2f}")
 
 
-def evaluate_workdir(workdir: str, *, step: int | None = None, split: str = "test",
-                     output: str | None = None, accept_mismatch: bool = False) -> dict:
+def evaluate_workdir(config: RunConfig, workdir: Workdir, *, step: int | None = None,
+                     split: str = "test", output: str | None = None,
+                     accept_mismatch: bool = False) -> dict:
   """Scores the whole `split` with a workdir's checkpoint; prints and writes the JSON.
 
-  gin must hold the workdir's config.gin (lm1b.cli does that). The JSON goes to `output`,
-  by default workdir/eval_<split>_<step>.json. accept_mismatch: see
+  config: the workdir's configuration (config.gin, lm1b.cli reads it). The JSON goes to
+  `output`, by default workdir/eval_<split>_<step>.json. accept_mismatch: see
   experiment.load_trained.
   """
-  input_config = input_pipeline.InputConfig()
-  source = sources.make_source(splits=(split,))
-  loaded = experiment.load_trained(workdir, model_lib.ModelConfig(), input_config.seq_len,
-                                   step=step, accept_mismatch=accept_mismatch)
-  data = input_pipeline.prepare_data(workdir, source, (split,), tokenizer=loaded.tokenizer)
+  inputs = config.inputs
+  source = config.source(splits=(split,))
+  loaded = experiment.load_trained(workdir, config.model, config.mesh(), step=step,
+                                   accept_mismatch=accept_mismatch)
+  data = input_pipeline.prepare_data(workdir.tokenizer, source, (split,),
+                                     tokenizer=loaded.tokenizer)
   index, count = partitioning.batch_shard(loaded.mesh)
-  input_config.check_processes(count)
+  inputs.check_processes(count)
   evaluator = Evaluator(loaded.model_config, loaded.mesh, loaded.param_shardings)
   batches = input_pipeline.eval_batches(
-      data.splits[split], input_config, slot=experiment.packing_slot_for(loaded.model_config),
+      data.splits[split], inputs, slot=experiment.packing_slot_for(loaded.model_config),
       process_index=index, process_count=count)
   result = evaluator.run(loaded.params, batches, step=loaded.step)
-  result.update(split=split, mode=input_config.mode, test_set=data.descriptions[split])
-  path = output or workdir_lib.eval_json_path(workdir, split, loaded.step)
-  if jax.process_index() == 0 and (note := workdir_lib.write_result(path, result)):
+  result.update(split=split, mode=inputs.mode, test_set=data.descriptions[split])
+  path = output or str(workdir.eval_json(split, loaded.step))
+  if is_chief() and (note := workdir_lib.write_result(path, result)):
     say(note)
   say(f"{split} split at step {loaded.step} ({result['test_set']}): {result['sentences']} "
       f"sentences, {result['tokens']} tokens, {describe_result(result)} -> {path}")
   return result
-
 
 
 def unigram_test_perplexity(train_split: TokenizedSplit, test_split: TokenizedSplit,

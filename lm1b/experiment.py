@@ -1,6 +1,6 @@
 """What a run is made of, built the same way for training, evaluation and sampling.
 
-  gin ModelConfig + the tokenizer's vocabulary  ->  resolve_model_config
+  ModelConfig + the tokenizer's vocabulary      ->  with_vocab
   model config + optimizer + mesh               ->  StateSpec: shapes and shardings of the
                                                     TrainState (nothing allocated)
   StateSpec + seed                              ->  init_state, created directly sharded
@@ -21,7 +21,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
-from etils import epath
 
 import hattention
 from lm1b import batches as batches_lib
@@ -29,10 +28,12 @@ from lm1b import checkpoints
 from lm1b import model as model_lib
 from lm1b import optim
 from lm1b import partitioning
+from lm1b import run_config
 from lm1b import tokenizer as tokenizer_lib
-from lm1b import workdir as workdir_lib
-from lm1b.console import is_chief
+from lm1b.chief import is_chief
 from lm1b.errors import ConfigError
+from lm1b.model_config import ModelConfig
+from lm1b.workdir import Workdir
 
 _LOG = logging.getLogger(__name__)
 
@@ -62,12 +63,8 @@ def state_from_items(items: dict[str, Any]) -> TrainState:
                     step=items["train"]["step"], rng=items["train"]["rng"])
 
 
-def resolve_model_config(config: model_lib.ModelConfig, vocab_size: int,
-                         seq_len: int) -> model_lib.ModelConfig:
-  """`config` with the tokenizer's vocabulary size; ConfigError if rows exceed max_len."""
-  if config.max_len < seq_len:
-    raise ConfigError(f"ModelConfig.max_len={config.max_len} is shorter than the rows' "
-                      f"build_inputs.seq_len={seq_len}")
+def with_vocab(config: ModelConfig, vocab_size: int) -> ModelConfig:
+  """`config` with the tokenizer's vocabulary size (the configured one is a default)."""
   if config.vocab_size != vocab_size:
     _LOG.info("ModelConfig.vocab_size %d replaced by the tokenizer's %d", config.vocab_size,
               vocab_size)
@@ -75,7 +72,7 @@ def resolve_model_config(config: model_lib.ModelConfig, vocab_size: int,
   return config
 
 
-def packing_slot_for(config: model_lib.ModelConfig) -> batches_lib.Slot:
+def packing_slot_for(config: ModelConfig) -> batches_lib.Slot:
   """Where a piece may sit in a packed row so that it gets exactly the attention, hence the
   logits, it would get alone in a row: hierarchical attention needs aligned offsets and
   reserved spans (hattention.packing_slot), full attention none."""
@@ -110,7 +107,7 @@ def _abstract(boxed: Any, shardings: Any) -> Any:
       nn.unbox(boxed), shardings)
 
 
-def make_state_spec(model_config: model_lib.ModelConfig, optimizer: optim.Optimizer,
+def make_state_spec(model_config: ModelConfig, optimizer: optim.Optimizer,
                     mesh: jax.sharding.Mesh) -> StateSpec:
   """Shapes and shardings of the TrainState, from jax.eval_shape (nothing allocated)."""
   model = model_lib.DecoderLM(model_config)
@@ -128,7 +125,7 @@ def init_state(spec: StateSpec, seed: int) -> TrainState:
     return init(jax.random.PRNGKey(seed))
 
 
-def abstract_params(model_config: model_lib.ModelConfig, mesh: jax.sharding.Mesh) -> Any:
+def abstract_params(model_config: ModelConfig, mesh: jax.sharding.Mesh) -> Any:
   """ShapeDtypeStructs (with shardings) of the model's parameters: what to restore."""
   model = model_lib.DecoderLM(model_config)
   with partitioning.mesh_context(mesh):
@@ -140,7 +137,7 @@ def abstract_params(model_config: model_lib.ModelConfig, mesh: jax.sharding.Mesh
 @dataclasses.dataclass(frozen=True)
 class TrainedModel:
   """A trained model restored from a workdir: what eval.py and sample.py need."""
-  model_config: model_lib.ModelConfig
+  model_config: ModelConfig
   params: Any
   param_shardings: Any
   step: int
@@ -148,22 +145,20 @@ class TrainedModel:
   mesh: jax.sharding.Mesh
 
 
-def load_trained(workdir: epath.PathLike, model_config: model_lib.ModelConfig, seq_len: int, *,
+def load_trained(workdir: Workdir, model_config: ModelConfig, mesh: jax.sharding.Mesh, *,
                  step: int | None = None, accept_mismatch: bool = False) -> TrainedModel:
   """The workdir's tokenizer and the parameters of checkpoint `step` (default: the latest
-  readable one) on the gin-configured mesh; the optimizer state is never read, and nothing
-  in the workdir is written (safe beside a running trainer).
+  readable one) on `mesh`; the optimizer state is never read, and nothing in the workdir is
+  written (safe beside a running trainer).
 
   The workdir's config.gin and tokenizer are compared with the checkpoint's checksummed
   copies: a difference raises ConfigError (one line), or with accept_mismatch is logged.
   Raises FileNotFoundError when the workdir has no tokenizer or no such checkpoint.
   """
-  tokenizer = tokenizer_lib.load_tokenizer(epath.Path(workdir) / tokenizer_lib.MODEL_FILENAME)
-  model_config = resolve_model_config(model_config, tokenizer.vocab_size, seq_len)
-  mesh = partitioning.make_mesh()
+  tokenizer = tokenizer_lib.load_tokenizer(workdir.tokenizer)
+  model_config = with_vocab(model_config, tokenizer.vocab_size)
   abstract = {"params": abstract_params(model_config, mesh)}
-  with checkpoints.Checkpointer(epath.Path(workdir) / workdir_lib.CHECKPOINT_DIR,
-                                read_only=True) as checkpointer:
+  with checkpoints.Checkpointer(workdir.checkpoints, read_only=True) as checkpointer:
     if step is None:
       restored = checkpointer.restore_latest_valid(abstract)
       if restored is None:
@@ -181,11 +176,11 @@ def load_trained(workdir: epath.PathLike, model_config: model_lib.ModelConfig, s
                       tokenizer, mesh)
 
 
-def _check_copies(workdir: epath.PathLike, checkpoint: str, restored: checkpoints.Restored,
+def _check_copies(workdir: Workdir, checkpoint: str, restored: checkpoints.Restored,
                   tokenizer: tokenizer_lib.Tokenizer, accept: bool) -> None:
   """ConfigError unless config.gin and the tokenizer match the checkpoint's copies (a warning
   instead when `accept`)."""
-  problems = workdir_lib.differences_from_checkpoint(
+  problems = run_config.differences_from_checkpoint(
       workdir, checkpoint, restored.config_text, restored.tokenizer_digest, tokenizer.digest())
   if not problems:
     return

@@ -9,9 +9,8 @@ one process per data root under a build lock, the others wait for the cache's ma
 import dataclasses
 import logging
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
-import gin
 from etils import epath
 
 from lm1b import batches as batches_lib
@@ -23,10 +22,9 @@ _LOG = logging.getLogger(__name__)
 WAIT_LOG_EVERY_S = 30.0
 
 
-@gin.configurable("build_inputs")
 @dataclasses.dataclass(frozen=True)
 class InputConfig:
-  """What the batches look like (gin selector `build_inputs`).
+  """What the batches look like (gin: `build_inputs`, see lm1b.run_config).
 
   global_batch: rows per training batch (all processes together); seq_len: positions per row;
   mode: how rows are filled, in training and evaluation (lm1b.batches.MODES); seed: the data
@@ -45,16 +43,17 @@ class InputConfig:
     for name in ("global_batch", "seq_len"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"build_inputs.{name}={value!r} must be a positive int")
+        raise ConfigError(f"{name}={value!r} must be a positive int", owner=InputConfig)
     if self.eval_global_batch is not None and (
         not isinstance(self.eval_global_batch, int) or self.eval_global_batch < 1):
-      raise ConfigError(f"build_inputs.eval_global_batch={self.eval_global_batch!r} must be "
-                        "a positive int")
+      raise ConfigError(f"eval_global_batch={self.eval_global_batch!r} must be a positive "
+                        "int", owner=InputConfig)
     if self.mode not in batches_lib.MODES:
-      raise ConfigError(f"build_inputs.mode={self.mode!r} must be one of {batches_lib.MODES}")
+      raise ConfigError(f"mode={self.mode!r} must be one of {batches_lib.MODES}",
+                        owner=InputConfig)
     if not isinstance(self.eval_overlap, int) or not 0 <= self.eval_overlap < self.seq_len:
-      raise ConfigError(f"build_inputs.eval_overlap={self.eval_overlap!r} must be an int in "
-                        f"[0, seq_len={self.seq_len})")
+      raise ConfigError(f"eval_overlap={self.eval_overlap!r} must be an int in "
+                        f"[0, seq_len={self.seq_len})", owner=InputConfig)
 
   @property
   def eval_batch(self) -> int:
@@ -65,8 +64,8 @@ class InputConfig:
     for name, value in (("global_batch", self.global_batch),
                         ("eval_global_batch", self.eval_batch)):
       if value % process_count:
-        raise ConfigError(f"build_inputs.{name}={value} must be a multiple of the "
-                          f"{process_count} processes feeding it")
+        raise ConfigError(f"{name}={value} must be a multiple of the {process_count} "
+                          "processes feeding it", owner=InputConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,28 +87,37 @@ def wait_for_file(path: epath.Path, what: str, poll_s: float = 1.0) -> None:
     time.sleep(poll_s)
 
 
-def prepare_tokenizer(workdir: epath.PathLike, source: sources.SentenceSource, *,
-                      is_chief: bool) -> tokenizer_lib.Tokenizer:
-  """The workdir's tokenizer: trained by the chief process if absent, waited for by others."""
-  path = epath.Path(workdir) / tokenizer_lib.MODEL_FILENAME
+TrainTokenizer = Callable[[epath.Path, sources.SentenceSource], tokenizer_lib.Tokenizer]
+
+
+def prepare_tokenizer(path: epath.Path, source: sources.SentenceSource, *, is_chief: bool,
+                      train_tokenizer: TrainTokenizer = tokenizer_lib.load_or_train_tokenizer
+                      ) -> tokenizer_lib.Tokenizer:
+  """The tokenizer model at `path`: trained by the chief process if absent
+  (`train_tokenizer(path, source)`), waited for by the others."""
   if is_chief:
-    return tokenizer_lib.load_or_train_tokenizer(workdir, source)
+    return train_tokenizer(path, source)
   wait_for_file(path, "the tokenizer, trained by process 0")
   return tokenizer_lib.load_tokenizer(path)
 
 
-def prepare_data(workdir: epath.PathLike, source: sources.SentenceSource,
+def prepare_data(tokenizer_path: epath.PathLike, source: sources.SentenceSource,
                  splits: tuple[str, ...], *, is_chief: bool = True,
-                 tokenizer: tokenizer_lib.Tokenizer | None = None) -> PreparedData:
+                 tokenizer: tokenizer_lib.Tokenizer | None = None,
+                 train_tokenizer: TrainTokenizer = tokenizer_lib.load_or_train_tokenizer
+                 ) -> PreparedData:
   """Tokenizer and token caches of `splits`, all ready when this returns (see module doc).
 
-  tokenizer: an already loaded tokenizer (evaluation) instead of the workdir's; then a
-  damaged token cache is reported (CorruptTokenCacheError), while training (no tokenizer
-  given) moves it aside and rebuilds it.
+  tokenizer_path: the run's tokenizer model (lm1b.workdir.Workdir.tokenizer), trained with
+  `train_tokenizer` (the run's configured lm1b.tokenizer.load_or_train_tokenizer) if absent.
+  tokenizer: an already loaded tokenizer (evaluation) instead; then a damaged token cache is
+  reported (CorruptTokenCacheError), while training (no tokenizer given) moves it aside and
+  rebuilds it.
   """
   rebuild_damaged = tokenizer is None
   if tokenizer is None:
-    tokenizer = prepare_tokenizer(workdir, source, is_chief=is_chief)
+    tokenizer = prepare_tokenizer(epath.Path(tokenizer_path), source, is_chief=is_chief,
+                                  train_tokenizer=train_tokenizer)
   tokenized = {split: token_cache.load_or_build_tokenized(source, split, tokenizer,
                                                           rebuild_damaged=rebuild_damaged)
                for split in splits}

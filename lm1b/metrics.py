@@ -135,7 +135,7 @@ class ObjectEventFile:
 class MetricWriter:
   """Writes scalar and text summaries to `logdir`; a no-op when `enabled` is False.
 
-  Callers pass enabled=(jax.process_index() == 0) so that only one process writes.
+  Callers pass enabled=lm1b.chief.is_chief() so that only one process writes.
   resume_step: the step the run continues from (0 for a fresh start) when earlier processes
   may have written to `logdir`: their events after it are removed (see the module
   docstring); None leaves existing files alone.

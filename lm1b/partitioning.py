@@ -21,7 +21,6 @@ from typing import Any, Iterator
 import numpy as np
 
 import flax.linen as nn
-import gin
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -64,7 +63,6 @@ class MeshJit:
       return self.jitted.lower(*args)
 
 
-@gin.configurable
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
               devices=None) -> jax.sharding.Mesh:
   """Mesh of shape (data, fsdp, tensor) over all (global) devices.
@@ -76,18 +74,17 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
   sizes = (data, fsdp, tensor)
   count = len(devices)
   if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
-    raise ConfigError(f"make_mesh sizes data={data}, fsdp={fsdp}, tensor={tensor} "
-                      "must be positive, with at most one -1")
+    raise ConfigError(f"data={data}, fsdp={fsdp}, tensor={tensor}: the sizes must be "
+                      "positive, with at most one -1", owner=make_mesh)
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if count % known:
-      raise ConfigError(f"make_mesh sizes data={data}, fsdp={fsdp}, tensor={tensor}"
-                        f" do not divide the device count {count}")
+      raise ConfigError(f"data={data}, fsdp={fsdp}, tensor={tensor}: the sizes do not "
+                        f"divide the device count {count}", owner=make_mesh)
     sizes = tuple(count // known if s == -1 else s for s in sizes)
   if math.prod(sizes) != count:
-    raise ConfigError(f"make_mesh sizes data={data}, fsdp={fsdp}, tensor={tensor} "
-                      f"multiply to {math.prod(sizes)}, not the device count "
-                      f"{count}")
+    raise ConfigError(f"data={data}, fsdp={fsdp}, tensor={tensor}: the sizes multiply to "
+                      f"{math.prod(sizes)}, not the device count {count}", owner=make_mesh)
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
 

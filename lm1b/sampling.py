@@ -16,10 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm1b import experiment
-from lm1b import input_pipeline
 from lm1b import partitioning
 from lm1b.errors import ConfigError
-from lm1b.model import DecoderLM, ModelConfig
+from lm1b.model import DecoderLM
+from lm1b.model_config import ModelConfig
+from lm1b.run_config import RunConfig
+from lm1b.workdir import Workdir
 from lm1b.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 
@@ -172,16 +174,16 @@ def sample_text(model_config: ModelConfig, params, tokenizer, prompts, *,
   return texts
 
 
-def sample_workdir(workdir: str, prompts: list[str], *, step: int | None = None,
-                   max_length: int | None = None, accept_mismatch: bool = False,
-                   **options) -> tuple[int, list[str]]:
+def sample_workdir(config: RunConfig, workdir: Workdir, prompts: list[str], *,
+                   step: int | None = None, max_length: int | None = None,
+                   accept_mismatch: bool = False, **options) -> tuple[int, list[str]]:
   """(checkpoint step, texts): `sample_text` with a workdir's tokenizer and parameters.
 
-  gin must hold the workdir's config.gin. Only the parameters are restored; no data is read.
-  max_length defaults to the model's max_len; options go to `sample_text`.
+  config: the workdir's configuration (config.gin, lm1b.cli reads it). Only the parameters
+  are restored; no data is read. max_length defaults to the model's max_len; options go to
+  `sample_text`.
   """
-  loaded = experiment.load_trained(workdir, ModelConfig(),
-                                   input_pipeline.InputConfig().seq_len, step=step,
+  loaded = experiment.load_trained(workdir, config.model, config.mesh(), step=step,
                                    accept_mismatch=accept_mismatch)
   _check_fits(loaded, prompts, max_length, options.get("top_k", 0))
   with partitioning.mesh_context(loaded.mesh):

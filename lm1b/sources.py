@@ -1,7 +1,7 @@
 """Sentence sources: where the raw text comes from (embedded corpus, LM1B tarball, text, TFDS).
 
 Every source yields clean sentences (str) for the splits "train" and "test". File-based sources
-share `clean_lines`: bytes are decoded as UTF-8 with errors="replace" (lines with a replacement
+share `lm1b.text_lines.clean_lines`: bytes are decoded as UTF-8 with errors="replace" (lines with a replacement
 character are counted), lines are stripped, empty lines skipped, and lines longer than
 MAX_LINE_CHARS characters split at whitespace (hard-split when a piece has none) into several
 sentences; each file's counts are logged (DEBUG, or WARNING when anything was cleaned).
@@ -10,113 +10,25 @@ TfdsSource's methods.
 """
 
 import abc
-import dataclasses
 import glob
 import hashlib
 import http.client
-import io
 import json
-import logging
 import os
 import pathlib
-import re
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
-import gin
 
 from lm1b import corpus
+from lm1b.text_lines import CLEANING_VERSION, LineStats, clean_lines, read_file_sentences
 from lm1b.errors import ConfigError
 
-MAX_LINE_CHARS = 4096
 SPLITS = ("train", "test")
 TFDS_INSTALL_HINT = "pip install -r requirements-tfds.txt"
 DOWNLOAD_CHECK_TIMEOUT_S = 10.0  # how long TfdsSource waits for a download's server to answer
 LM1B_TARBALL_DIR = "1-billion-word-language-modeling-benchmark-r13output"  # the tarball's top dir
-_READ_CHARS = 1 << 16
-_CLEANING_VERSION = 1  # part of every fingerprint: bump when clean_lines changes its output
-_WHITESPACE = re.compile(r"\s+")
-
-
-@dataclasses.dataclass
-class LineStats:
-  """Counts of one cleaned stream (a file or a TFDS split)."""
-  lines: int = 0
-  sentences: int = 0
-  empty: int = 0
-  replaced: int = 0
-  split: int = 0
-
-  def log(self, label: str) -> None:
-    message = ("%s: %d lines -> %d sentences; %d empty skipped, %d with invalid UTF-8 replaced, "
-               "%d longer than %d chars split")
-    # Clean files at DEBUG (LM1B has 150 of them); anything cleaned up is a WARNING.
-    level = logging.WARNING if (self.empty or self.replaced or self.split) else logging.DEBUG
-    logging.log(level, message, label, self.lines, self.sentences, self.empty, self.replaced,
-                self.split, MAX_LINE_CHARS)
-
-
-def _cut(text: str) -> tuple[int, int]:
-  """(end of the first piece, start of the rest) for text longer than MAX_LINE_CHARS.
-
-  Cuts at the last whitespace run within the first MAX_LINE_CHARS + 1 characters (searched in
-  the reversed window), or hard at MAX_LINE_CHARS when there is none. text[0] is not whitespace.
-  """
-  window = text[1:MAX_LINE_CHARS + 1]
-  match = _WHITESPACE.search(window[::-1])
-  if match is None:
-    return MAX_LINE_CHARS, MAX_LINE_CHARS
-  return 1 + len(window) - match.end(), 1 + len(window) - match.start()
-
-
-def clean_lines(chunks: Iterable[str], stats: LineStats) -> Iterator[str]:
-  """Yields the sentences of decoded text given as chunks, updating `stats`.
-
-  A chunk ending in "\\n" ends a line; chunks never contain "\\n" elsewhere (as produced by
-  `TextIOWrapper.readline(size)`). Memory stays bounded by MAX_LINE_CHARS + one chunk whatever
-  the line length.
-  """
-  pending, pieces, bad = "", 0, False
-  for chunk in chunks:
-    bad = bad or "\ufffd" in chunk
-    pending = (pending + chunk) if pending else chunk.lstrip()
-    while len(pending) > MAX_LINE_CHARS:
-      end, resume = _cut(pending)
-      yield pending[:end]
-      pieces += 1
-      pending = pending[resume:].lstrip()
-    if chunk.endswith("\n"):
-      yield from _finish_line(pending, pieces, bad, stats)
-      pending, pieces, bad = "", 0, False
-  if pending or pieces:
-    yield from _finish_line(pending, pieces, bad, stats)
-
-
-def _finish_line(rest: str, pieces: int, bad: bool, stats: LineStats) -> Iterator[str]:
-  rest = rest.strip()
-  if rest:
-    pieces += 1
-    yield rest
-  stats.lines += 1
-  stats.sentences += pieces
-  stats.empty += pieces == 0
-  stats.replaced += bad
-  stats.split += pieces > 1
-
-
-def _file_chunks(path: pathlib.Path) -> Iterator[str]:
-  with open(path, "rb") as raw:
-    text = io.TextIOWrapper(raw, encoding="utf-8", errors="replace", newline="\n")
-    while chunk := text.readline(_READ_CHARS):
-      yield chunk
-
-
-def read_file_sentences(path: pathlib.Path) -> Iterator[str]:
-  """Cleaned sentences of one text file; logs the file's counts when it has been read."""
-  stats = LineStats()
-  yield from clean_lines(_file_chunks(path), stats)
-  stats.log(str(path))
 
 
 def _check_split(split: str) -> None:
@@ -175,7 +87,7 @@ class _FileSource(SentenceSource):
                        "(only empty or whitespace lines)")
 
   def fingerprint(self, split: str) -> str:
-    digest = hashlib.sha256(f"{type(self).__name__}|{split}|{_CLEANING_VERSION}".encode())
+    digest = hashlib.sha256(f"{type(self).__name__}|{split}|{CLEANING_VERSION}".encode())
     for path in self.files(split):
       stat = path.stat()
       digest.update(f"|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
@@ -250,7 +162,7 @@ class TextSource(_FileSource):
       if split not in splits:
         continue
       if pattern is None:
-        raise ValueError(f"make_source(kind='text') needs {split}_glob")
+        raise ValueError(f"source kind='text' needs {split}_glob")
       found = glob.glob(os.path.expanduser(pattern), recursive=True)
       matches = sorted(pathlib.Path(p) for p in found)
       files[split] = [p for p in matches if p.is_file()]
@@ -325,9 +237,9 @@ def _check_downloads_reachable(builder) -> None:
       raise DataUnavailableError(
           f"tfds:{builder.name}: cannot reach {url} ({reason}) to download "
           f"{builder.info.full_name} into {builder.data_dir_root}; either read the unpacked LM1B "
-          'tarball (make_source.kind = "tarball", make_source.path = "/path/to/'
-          f'{LM1B_TARBALL_DIR}") or set make_source.tfds_data_dir to a directory where '
-          f"{builder.info.full_name} is already prepared")
+          f'tarball (make_source(kind="tarball", path="/path/to/{LM1B_TARBALL_DIR}")) or set '
+          f"make_source(tfds_data_dir=...) to a directory where {builder.info.full_name} is "
+          "already prepared")
 
 
 def _prepared_builder(name: str, data_dir: str | None):
@@ -404,11 +316,10 @@ class TfdsSource(SentenceSource):
 
   def fingerprint(self, split: str) -> str:
     _check_split(split)
-    key = {"source": "TfdsSource", "cleaning": _CLEANING_VERSION, **self._identity[split]}
+    key = {"source": "TfdsSource", "cleaning": CLEANING_VERSION, **self._identity[split]}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-@gin.configurable(denylist=["splits"])
 def make_source(kind: str = "embedded", path: str | None = None, train_glob: str | None = None,
                 test_glob: str | None = None, test_shards: Sequence[int] = (0,),
                 tfds_name: str = "lm1b", tfds_data_dir: str | None = None,
@@ -429,7 +340,7 @@ def make_source(kind: str = "embedded", path: str | None = None, train_glob: str
                           splits=splits)
   if kind == "tarball":
     if path is None:
-      raise ValueError("make_source(kind='tarball') needs path (the extracted LM1B directory)")
+      raise ValueError("source kind='tarball' needs path (the extracted LM1B directory)")
     return TarballSource(path, test_shards, splits)
   if kind == "text":
     return TextSource(train_glob, test_glob, splits)

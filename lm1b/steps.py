@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from lm1b import model as model_lib
-from lm1b import optim
+from lm1b import loss as loss_lib
 from lm1b import partitioning
 from lm1b.experiment import StateSpec, TrainState
 
@@ -38,7 +38,7 @@ def make_train_step(spec: StateSpec, *, label_smoothing: float) -> partitioning.
       logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
                            segment_ids=batch["segment_ids"], deterministic=False,
                            rngs={"dropout": dropout_rng})
-      loss_sum, weight_sum, nll_sum = optim.cross_entropy_loss(
+      loss_sum, weight_sum, nll_sum = loss_lib.cross_entropy_loss(
           logits, batch["targets"], batch["weights"], label_smoothing)
       return loss_sum / jnp.maximum(weight_sum, 1.0), (loss_sum, weight_sum, nll_sum)
 
@@ -68,7 +68,7 @@ def make_eval_step(model_config: model_lib.ModelConfig, mesh: jax.sharding.Mesh,
   def eval_step(params, batch):
     logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
                          segment_ids=batch["segment_ids"], deterministic=True)
-    _, tokens, nll = optim.cross_entropy_loss(logits, batch["targets"], batch["weights"])
+    _, tokens, nll = loss_lib.cross_entropy_loss(logits, batch["targets"], batch["weights"])
     return {"nll": nll, "tokens": tokens, "words": jnp.sum(batch["words"]),
             "sentences": jnp.sum((batch["words"] > 0).astype(jnp.float32))}
 

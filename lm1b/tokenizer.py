@@ -21,7 +21,6 @@ import os
 import time
 from typing import Iterable, Iterator, Sequence
 
-import gin
 import sentencepiece as spm
 from etils import epath
 
@@ -32,7 +31,6 @@ EOS_ID = 1
 BOS_ID = 2
 UNK_ID = 3
 SPECIAL_IDS = frozenset((PAD_ID, EOS_ID, BOS_ID))
-MODEL_FILENAME = "tokenizer.model"
 
 
 class Tokenizer:
@@ -125,17 +123,17 @@ def train_tokenizer(path: epath.Path, sentences: Iterator[str], *, vocab_size: i
                vocab_size, counter[0], time.time() - start, path)
 
 
-@gin.configurable
-def load_or_train_tokenizer(workdir: epath.PathLike, source, *, vocab_size: int = 8000,
+def load_or_train_tokenizer(path: epath.PathLike, source, *, vocab_size: int = 8000,
                             sample_sentences: int = 1_000_000, model_type: str = "unigram",
                             character_coverage: float = 1.0,
                             byte_fallback: bool = False) -> Tokenizer:
-  """Returns workdir/tokenizer.model, training it first from `source`'s train split if absent.
+  """The tokenizer model at `path` (a run's: lm1b.workdir.Workdir.tokenizer), trained first
+  from `source`'s train split if absent.
 
-  `byte_fallback` (for a new model): see `train_tokenizer`. An existing model is always reused (resume, eval, sampling), even if vocab_size differs; a
-  mismatch is logged.
+  `byte_fallback` (for a new model): see `train_tokenizer`. An existing model is always reused
+  (resume, eval, sampling), even if vocab_size differs; a mismatch is logged.
   """
-  path = epath.Path(workdir) / MODEL_FILENAME
+  path = epath.Path(path)
   if not path.exists():
     logging.info("Training tokenizer from source %s (first %d train sentences)", source.name,
                  sample_sentences)

@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from orbax.checkpoint._src.path import atomicity
 
 from benchmarks import long_context
-from lm1b import checkpoints, cli, input_pipeline, model, workdir_lock
+from lm1b import checkpoints, cli, model, run_config, workdir_lock
 from test_train import REPO, gin_flags, micro, micro_params, subprocess_env  # noqa: F401
 
 NUM_STEPS = 4
@@ -205,7 +205,8 @@ def test_shipped_gin_configs(name, attention, target):
   (hierarchical, or T5 for full attention) as the only position signal; the others: a learned
   position table."""
   cli.parse_gin([cli.resolve_gin_file(f"gin/{name}")], [])
-  config = model.ModelConfig()
+  run = run_config.build()
+  config = run.model
   assert config.attention == attention
   paper = name.endswith(("_paper.gin", "_level_discount.gin"))
   assert config.position_encoding == ("none" if paper else "learned")
@@ -213,7 +214,7 @@ def test_shipped_gin_configs(name, attention, target):
                                   else "none")
   discount = name.endswith("_level_discount.gin")
   assert config.relative_bias_per_level == config.relative_bias_level_discount == discount
-  assert input_pipeline.InputConfig().mode == ("sentence" if target is None else "packed")
+  assert run.inputs.mode == ("sentence" if target is None else "packed")
   if target is not None:
     assert config.block_size == 16 and config.num_layers == 6
     assert abs(model.count_params(config) - target) <= 0.02 * target
@@ -226,7 +227,8 @@ LONG_CONTEXT = sorted(p.stem for p in (REPO / "gin" / "long_context").glob("*.gi
 @pytest.mark.parametrize("name", LONG_CONTEXT)
 def test_long_context_configs_are_stream_rows_of_4096_tokens(name):
   cli.parse_gin([cli.resolve_gin_file(f"gin/long_context/{name}.gin")], [])
-  config, inputs = model.ModelConfig(), input_pipeline.InputConfig()
+  run = run_config.build()
+  config, inputs = run.model, run.inputs
   assert inputs.mode == "stream" and config.max_len == inputs.seq_len == int(name.split("_")[-1])
   assert inputs.global_batch * inputs.seq_len == max(4096, inputs.seq_len)
   assert config.attention == ("full" if name.startswith("full") else "hierarchical")
@@ -237,10 +239,11 @@ def test_long_context_configs_are_stream_rows_of_4096_tokens(name):
 def test_long_context_benchmark_applies_gin_params_to_every_config(monkeypatch):
   monkeypatch.setattr(long_context, "GIN_PARAMS", ['ModelConfig.position_encoding = "learned"'])
   for name in ("full_64", "sample_4096"):
-    config, inputs = long_context.parse(name)
-    assert config.position_encoding == "learned" and inputs.seq_len == int(name.split("_")[-1])
+    run = long_context.parse(name)
+    assert (run.model.position_encoding == "learned"
+            and run.inputs.seq_len == int(name.split("_")[-1]))
   monkeypatch.setattr(long_context, "GIN_PARAMS", [])
-  assert long_context.parse("full_64")[0].position_encoding == "rotary"
+  assert long_context.parse("full_64").model.position_encoding == "rotary"
 
 
 def test_stream_rows_train_at_16k_and_evaluate_with_overlapping_windows(micro, tmp_path):

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from lm1b import batches, evaluate, model, partitioning
+from lm1b.model_config import ModelConfig
 from lm1b.token_cache import TokenizedSplit
 from lm1b.tokenizer import BOS_ID, EOS_ID
 
-CONFIG = model.ModelConfig(vocab_size=40, num_layers=1, num_heads=2, d_model=16, d_ff=32,
-                           max_len=32, dropout_rate=0.0, block_size=4, dtype="float32")
+CONFIG = ModelConfig(vocab_size=40, num_layers=1, num_heads=2, d_model=16, d_ff=32,
+                     max_len=32, dropout_rate=0.0, block_size=4, dtype="float32")
 
 
 def make_split(lengths, seed=0) -> TokenizedSplit:

@@ -14,8 +14,9 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from hattention import packing_slot
-from lm1b import t5_bias
-from lm1b.model import DecoderLM, ModelConfig, count_params
+from lm1b import run_config, t5_bias
+from lm1b.model import DecoderLM, count_params
+from lm1b.model_config import ModelConfig
 
 TINY = ModelConfig(vocab_size=64, num_layers=2, num_heads=2, d_model=32,
                    d_ff=64, max_len=32, dropout_rate=0.0, block_size=4,
@@ -428,9 +429,11 @@ def test_model_config_is_gin_configurable():
   gin.clear_config()
   try:
     gin.parse_config("ModelConfig.num_layers = 3\n"
-                     "ModelConfig.attention = 'full'")
-    config = ModelConfig()
+                     "ModelConfig.attention = 'full'\n"
+                     "train_and_evaluate.num_steps = 1")
+    config = run_config.build().model
     assert (config.num_layers, config.attention) == (3, "full")
+    assert config == dataclasses.replace(ModelConfig(), num_layers=3, attention="full")
     assert hash(config) == hash(dataclasses.replace(config))
   finally:
     gin.clear_config()

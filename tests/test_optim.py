@@ -1,6 +1,5 @@
-"""Tests for lm1b.optim: schedules, weight-decay mask, gradient accumulation, the loss."""
+"""Tests for lm1b.optim: schedules, weight-decay mask, gradient accumulation."""
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from lm1b import optim
+from lm1b import optim, run_config
 from lm1b.errors import ConfigError
 
 
@@ -44,14 +43,29 @@ def test_schedule_errors():
 
 
 def test_optimizer_schedule_counts_applied_updates():
-  gin.parse_config(["make_schedule.decay = 'cosine'", "make_schedule.warmup_steps = 10",
-                    "make_schedule.learning_rate = 1.0"])
-  optimizer = optim.make_optimizer(440, grad_accum_steps=4)  # 110 updates
-  assert optimizer.grad_accum_steps == 4
+  options = dict(decay="cosine", warmup_steps=10, learning_rate=1.0)
+  optimizer = optim.make_optimizer(440, grad_accum_steps=4, schedule_options=options)
+  assert optimizer.grad_accum_steps == 4  # 110 updates
   assert float(optimizer.schedule(110)) == pytest.approx(0.0, abs=1e-7)  # cosine ends at 110
   assert float(optimizer.schedule(60)) == pytest.approx(0.5, rel=1e-5)
   with pytest.raises(ConfigError, match="warmup_steps=10 is not shorter than the run's 10"):
-    optim.make_optimizer(40, grad_accum_steps=4)
+    optim.make_optimizer(40, grad_accum_steps=4, schedule_options=options)
+
+
+def test_run_configuration_gives_the_optimizer_its_schedule_and_names_bindings():
+  gin.parse_config(["make_schedule.decay = 'cosine'", "make_schedule.warmup_steps = 10",
+                    "make_schedule.learning_rate = 1.0", "make_optimizer.grad_accum_steps = 4",
+                    "train_and_evaluate.num_steps = 440"])
+  run = run_config.build()
+  optimizer = run.optimizer(run.loop.num_steps, schedule_options=run.schedule.values)
+  assert float(optimizer.schedule(60)) == pytest.approx(0.5, rel=1e-5)
+  with pytest.raises(ConfigError) as error:
+    run.optimizer(40, schedule_options=run.schedule.values)
+  assert run_config.describe_error(error.value).startswith(
+      "make_schedule.warmup_steps=10 is not shorter")
+  with pytest.raises(ConfigError) as error:
+    optim.make_optimizer(10, grad_accum_steps=0)
+  assert run_config.describe_error(error.value).startswith("make_optimizer.grad_accum_steps=0")
 
 
 def test_weight_decay_mask():
@@ -110,53 +124,3 @@ def test_gradient_accumulation_matches_big_batch():
   assert not np.allclose(big_params["w"], params["w"])
   for key in params:
     np.testing.assert_allclose(acc_params[key], big_params[key], rtol=1e-5, atol=1e-6)
-
-
-def _manual_log_softmax(logits):
-  logits = np.asarray(logits, np.float64)
-  shifted = logits - logits.max(-1, keepdims=True)
-  return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-
-
-def test_cross_entropy_matches_manual_and_ignores_padding():
-  rng = np.random.default_rng(1)
-  logits = rng.normal(size=(2, 5, 7)).astype(np.float32) * 3
-  targets = rng.integers(0, 7, size=(2, 5))
-  weights = np.ones((2, 5), np.float32)
-  weights[1, 3:] = 0.0
-  log_probs = _manual_log_softmax(logits)
-  nll = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
-  expected = (nll * weights).sum()
-
-  loss, total, plain = jax.jit(optim.cross_entropy_loss)(logits, targets, weights)
-  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
-  np.testing.assert_allclose(float(plain), expected, rtol=1e-5)
-  assert float(total) == 8.0
-  # Changing padded positions changes nothing.
-  changed = logits.copy()
-  changed[1, 3:] = 1e4
-  targets_changed = targets.copy()
-  targets_changed[1, 3:] = 0
-  again = optim.cross_entropy_loss(changed, targets_changed, weights)
-  np.testing.assert_allclose(float(again[0]), expected, rtol=1e-5)
-  assert all(math.isfinite(float(v)) for v in again)
-
-
-def test_label_smoothing():
-  rng = np.random.default_rng(2)
-  vocab, smoothing = 6, 0.2
-  logits = rng.normal(size=(1, 4, vocab)).astype(np.float32)
-  targets = rng.integers(0, vocab, size=(1, 4))
-  weights = np.ones((1, 4), np.float32)
-  q = np.full((1, 4, vocab), smoothing / (vocab - 1))
-  np.put_along_axis(q, targets[..., None], 1 - smoothing, -1)
-  entropy = -(q[0, 0] * np.log(q[0, 0])).sum()
-  expected = (-(q * _manual_log_softmax(logits)).sum(-1) - entropy).sum()
-  loss, _, plain = optim.cross_entropy_loss(logits, targets, weights, label_smoothing=smoothing)
-  np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
-  nll = -np.take_along_axis(_manual_log_softmax(logits), targets[..., None], -1).sum()
-  np.testing.assert_allclose(float(plain), nll, rtol=1e-5)
-  # The smoothed loss is 0 when the model predicts the smoothed targets exactly.
-  perfect = optim.cross_entropy_loss(np.log(q).astype(np.float32), targets, weights,
-                                     label_smoothing=smoothing)[0]
-  assert abs(float(perfect)) < 1e-5

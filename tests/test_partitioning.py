@@ -13,7 +13,8 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from lm1b import partitioning
-from lm1b.model import DecoderLM, ModelConfig
+from lm1b.model import DecoderLM
+from lm1b.model_config import ModelConfig
 
 TINY = ModelConfig(vocab_size=64, num_layers=1, num_heads=2, d_model=32,
                    d_ff=64, max_len=32, block_size=4, dtype="float32")
@@ -99,7 +100,8 @@ def test_batch_shard_of_rejects_partly_shared_blocks():
 EIGHT_DEVICES = textwrap.dedent("""
     import jax, jax.numpy as jnp
     from lm1b import partitioning
-    from lm1b.model import DecoderLM, ModelConfig
+    from lm1b.model import DecoderLM
+    from lm1b.model_config import ModelConfig
     assert jax.device_count() == 8, jax.device_count()
     mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm1b.model import DecoderLM, ModelConfig
+from lm1b.model import DecoderLM
+from lm1b.model_config import ModelConfig
 from lm1b.sampling import filter_logits, generate, sample_text
 from lm1b.tokenizer import BOS_ID, EOS_ID, PAD_ID
 

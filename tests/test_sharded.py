@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from lm1b import checkpoints, cli, workdir as workdir_lib
+from lm1b import checkpoints, cli
+from lm1b.workdir import Workdir
 from test_train import (REPO, gin_flags, micro, micro_params, restored_params,  # noqa: F401
                         run_train, subprocess_env)
 
@@ -68,7 +69,7 @@ def tensorboard_losses(workdir: pathlib.Path) -> dict[int, float]:
 
 def final_params(workdir: pathlib.Path) -> list[np.ndarray]:
   """The latest checkpoint's parameters, restored onto this process's single device."""
-  cli.parse_gin([str(workdir / workdir_lib.CONFIG_FILE)], ONE_DEVICE)
+  cli.parse_gin([str(Workdir(workdir).config)], ONE_DEVICE)
   return jax.tree.leaves(restored_params(workdir))
 
 

@@ -9,7 +9,7 @@ import gin
 import numpy as np
 import pytest
 
-from lm1b import corpus, paths, sources
+from lm1b import corpus, paths, run_config, sources, text_lines
 from lm1b.corpus import writer as corpus_writer
 
 TRAIN = corpus.TRAIN_DIR
@@ -61,9 +61,10 @@ def test_embedded_source_reads_generated_corpus(tmp_path, monkeypatch):
 def test_embedded_documents_kind_via_gin(tmp_path, monkeypatch, caplog):
   monkeypatch.setattr(corpus_writer, "TRAIN_SENTENCES_PER_SHARD", 40)
   monkeypatch.setattr(corpus_writer, "HELDOUT_SENTENCES_PER_SHARD", 15)
-  gin.parse_config(f"make_source.kind = 'embedded_documents'\nmake_source.path = '{tmp_path}'")
+  gin.parse_config(f"make_source.kind = 'embedded_documents'\nmake_source.path = '{tmp_path}'\n"
+                   "train_and_evaluate.num_steps = 1")
   with caplog.at_level(logging.WARNING):
-    source = sources.make_source()
+    source = run_config.build().source()
     train, test = list(source.sentences("train")), list(source.sentences("test"))
   assert isinstance(source, sources.EmbeddedSource) and source.name == "embedded_documents_v1"
   assert len(train) == 320 and len(test) == 12 and not caplog.records  # 80%; no empty lines
@@ -139,7 +140,7 @@ def test_long_lines_are_split_without_losing_text(tmp_path, caplog):
     result = list(source.sentences("train"))
   assert result[0] == "short ." and result[-1] == "end ."
   pieces = result[1:-1]
-  assert all(0 < len(p) <= sources.MAX_LINE_CHARS for p in pieces)
+  assert all(0 < len(p) <= text_lines.MAX_LINE_CHARS for p in pieces)
   assert all(p == p.strip() for p in pieces)
   hard = pieces[-3:]
   assert [len(p) for p in hard] == [4096, 4096, 1808] and "".join(hard) == nospace
@@ -188,15 +189,16 @@ def test_make_source_kinds_and_gin(tmp_path):
   gin.clear_config()
   try:
     gin.parse_config(f"make_source.kind = 'text'\nmake_source.train_glob = '{path}'\n"
+                     "train_and_evaluate.num_steps = 1\n"
                      f"make_source.test_glob = '{path}'")
-    assert list(sources.make_source().sentences("test")) == ["gin line ."]
+    assert list(run_config.build().source().sentences("test")) == ["gin line ."]
   finally:
     gin.clear_config()
 
 
 def test_clean_lines_property_small_limit(monkeypatch):
   """Random lines, random chunking, a 20-char limit: pieces are bounded and lose no text."""
-  monkeypatch.setattr(sources, "MAX_LINE_CHARS", 20)
+  monkeypatch.setattr(text_lines, "MAX_LINE_CHARS", 20)
   rng = np.random.default_rng(0)
   alphabet = list("ab\u00e9\u65e5") + [" ", "  ", "\t", "\u3000"]
   for _ in range(300):
@@ -204,8 +206,8 @@ def test_clean_lines_property_small_limit(monkeypatch):
     cuts = sorted(rng.integers(0, len(line) + 1, size=rng.integers(0, 6)))
     chunks = [line[i:j] for i, j in zip([0] + cuts, cuts + [len(line)])]
     chunks[-1] += "\n"
-    stats = sources.LineStats()
-    pieces = list(sources.clean_lines(chunks, stats))
+    stats = text_lines.LineStats()
+    pieces = list(text_lines.clean_lines(chunks, stats))
     assert all(0 < len(p) <= 20 and p == p.strip() for p in pieces), (line, pieces)
     assert re.sub(r"\s", "", "".join(pieces)) == re.sub(r"\s", "", line)
     assert all(p in line for p in pieces)  # whitespace inside a piece is kept as it was

@@ -225,8 +225,8 @@ def test_unreachable_download_fails_at_once_in_one_line(tmp_path):
     sources.TfdsSource("lm1b", str(tmp_path))
   message = str(error.value)
   assert "\n" not in message and f"cannot reach {LM1B_URL}" in message, message
-  assert 'make_source.kind = "tarball", make_source.path = ' in message, message
-  assert "make_source.tfds_data_dir" in message, message
+  assert 'make_source(kind="tarball", path=' in message, message
+  assert "make_source(tfds_data_dir=" in message, message
   assert len(attempts) == 1  # one look-up: no retries
   assert not (tmp_path / "lm1b").exists()
 
@@ -348,5 +348,5 @@ def test_offline_train_fails_in_seconds_in_one_line_and_writes_nothing(tmp_path,
   assert result.returncode == 1, result.stdout + result.stderr
   line = _last_error_line(result.stderr)
   assert line.startswith(f"error: tfds:lm1b: cannot reach {LM1B_URL}"), line
-  assert "make_source.path" in line and "make_source.tfds_data_dir" in line, line
+  assert "path=" in line and "make_source(tfds_data_dir=" in line, line
   assert not workdir.exists()

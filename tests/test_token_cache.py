@@ -18,7 +18,8 @@ from tests.fake_source import ListSource, random_sentences
 @pytest.fixture(scope="module")
 def tokenizers(tmp_path_factory):
   source = ListSource({"train": random_sentences(1500)})
-  return [tok.load_or_train_tokenizer(tmp_path_factory.mktemp(f"w{v}"), source, vocab_size=v)
+  return [tok.load_or_train_tokenizer(tmp_path_factory.mktemp(f"w{v}") / "tokenizer.model",
+                                      source, vocab_size=v)
           for v in (45, 60)]
 
 

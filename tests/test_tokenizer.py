@@ -14,8 +14,8 @@ VOCAB = 60
 def trained(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("work")
   source = ListSource({"train": random_sentences(2000)})
-  return workdir, tok.load_or_train_tokenizer(workdir, source, vocab_size=VOCAB,
-                                              sample_sentences=1000)
+  return workdir, tok.load_or_train_tokenizer(workdir / "tokenizer.model", source,
+                                              vocab_size=VOCAB, sample_sentences=1000)
 
 
 def test_special_ids_are_fixed():
@@ -52,7 +52,7 @@ def test_unknown_character_maps_to_unk(trained):
 
 def test_byte_fallback_reads_every_character_and_splits_digits(tmp_path):
   source = ListSource({"train": random_sentences(2000)})
-  tokenizer = tok.load_or_train_tokenizer(tmp_path, source, vocab_size=VOCAB + 256,
+  tokenizer = tok.load_or_train_tokenizer(tmp_path / "tokenizer.model", source, vocab_size=VOCAB + 256,
                                           sample_sentences=1000, byte_fallback=True)
   text = "zebra 漢字 😀 in 2026"
   ids = tokenizer.encode(text)
@@ -72,7 +72,7 @@ def test_reuse_does_not_retrain(trained):
   workdir, tokenizer = trained
   mtime = os.stat(tokenizer.path).st_mtime_ns
   source = ListSource({"train": ["different text entirely"]})
-  again = tok.load_or_train_tokenizer(workdir, source, vocab_size=VOCAB)
+  again = tok.load_or_train_tokenizer(workdir / "tokenizer.model", source, vocab_size=VOCAB)
   assert source.reads == 0
   assert os.stat(again.path).st_mtime_ns == mtime
   assert again.model_bytes() == tokenizer.model_bytes()
@@ -82,7 +82,8 @@ def test_sample_limit_is_respected(tmp_path):
   good = random_sentences(300)
   # Sentences past the sample contain characters that would otherwise enter the vocabulary.
   source = ListSource({"train": good + ["QQQQ XXXX ZZZZ"] * 300})
-  tokenizer = tok.load_or_train_tokenizer(tmp_path, source, vocab_size=40, sample_sentences=300)
+  tokenizer = tok.load_or_train_tokenizer(tmp_path / "t.model", source, vocab_size=40,
+                                        sample_sentences=300)
   assert tok.UNK_ID in tokenizer.encode("Q")
 
 
@@ -103,5 +104,5 @@ def test_corrupt_model_error_names_path(tmp_path):
 def test_vocab_too_large_is_one_line_error_and_writes_nothing(tmp_path):
   source = ListSource({"train": ["a b c", "b c a"] * 10})
   with pytest.raises(ValueError, match="smaller vocab_size"):
-    tok.load_or_train_tokenizer(tmp_path, source, vocab_size=5000)
+    tok.load_or_train_tokenizer(tmp_path / "t.model", source, vocab_size=5000)
   assert list(tmp_path.iterdir()) == []

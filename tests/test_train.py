@@ -15,7 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from lm1b import cli, corpus, experiment, input_pipeline, model, train
+from lm1b import cli, corpus, evaluate, experiment, loop, run_config, train
+from lm1b.workdir import Workdir
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -69,13 +70,13 @@ def micro(tmp_path_factory):
 
 def run_train(workdir: pathlib.Path, params: list[str]) -> train.TrainResult:
   cli.parse_gin([cli.resolve_gin_file(cli.DEFAULT_GIN_FILE)], params)
-  return train.train_and_evaluate(str(workdir))
+  return train.train_and_evaluate(run_config.build(), Workdir(workdir))
 
 
 def restored_params(workdir: pathlib.Path) -> dict:
   """The latest checkpoint's parameters (gin must hold the workdir's configuration)."""
-  loaded = experiment.load_trained(str(workdir), model.ModelConfig(),
-                                   input_pipeline.InputConfig().seq_len)
+  config = run_config.build()
+  loaded = experiment.load_trained(Workdir(workdir), config.model, config.mesh())
   return jax.device_get(loaded.params)
 
 
@@ -137,7 +138,7 @@ def _signal_when_called(monkeypatch, owner, name, when=lambda *a, **k: True):
 def test_sigterm_during_the_final_evaluation_abandons_it_with_a_complete_checkpoint(
     micro, tmp_path, monkeypatch, capsys):
   final = lambda self, params, batches, max_batches=None, **kw: max_batches is None
-  sent = _signal_when_called(monkeypatch, train.evaluate.Evaluator, "run", final)
+  sent = _signal_when_called(monkeypatch, evaluate.Evaluator, "run", final)
   workdir = tmp_path / "run"
   argv = ["--workdir", str(workdir), *gin_flags(micro_params(micro[0], num_steps=3))]
   assert cli.train_main(argv) == 0
@@ -149,7 +150,7 @@ def test_sigterm_during_the_final_evaluation_abandons_it_with_a_complete_checkpo
 
 def test_sigterm_during_the_final_save_lets_it_finish_and_says_so(micro, tmp_path,
                                                                    monkeypatch, capsys):
-  sent = _signal_when_called(monkeypatch, train.Trainer, "finish")
+  sent = _signal_when_called(monkeypatch, loop, "finish")
   result = run_train(tmp_path, micro_params(micro[0], num_steps=3))
   assert sent and result.stopped_by == "SIGTERM" and result.final_eval is None
   assert result.checkpoint_step == 3 and result.step == 3
