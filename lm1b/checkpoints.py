@@ -37,6 +37,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from lm1b import checksum
+from lm1b import layer_stack
 from lm1b import orbax_quiet
 from lm1b import storage
 
@@ -332,13 +333,16 @@ class Checkpointer:
           continue
       return None
     step = self._existing_step(step)
-    problems = []
+    problems, saved_paths, wanted_paths = [], set(), set()
     for item, abstract in abstract_items.items():
-      problems += _shape_problems(item, self._saved_shapes(step, item), _shapes(abstract))
+      saved, wanted = self._saved_shapes(step, item), _shapes(abstract)
+      problems += _shape_problems(item, saved, wanted)
+      saved_paths, wanted_paths = saved_paths | set(saved), wanted_paths | set(wanted)
     if problems:
+      hint = layer_stack.layout_hint(saved_paths, wanted_paths)
       raise CheckpointMismatchError(
           f"checkpoint {self.step_path(step)} does not match the configured model: "
-          f"{_listing(problems)}")
+          f"{hint + '; ' if hint else ''}{_listing(problems)}")
     return step
 
   def restore(self, abstract_items: Mapping[str, Any], step: int | None = None) -> Restored:

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from hattention import (QUERY_MODES, decode_step, hierarchical_attention, init_cache,
                         kv_cache_step, level_count)
 from hattention.relative_position import table_size
-from lm1b import rotary, t5_bias
+from lm1b import layer_stack, rotary, t5_bias
 from lm1b.errors import ConfigError
 
 ATTENTION_KINDS = ("hierarchical", "full")
@@ -73,6 +73,10 @@ class ModelConfig:
   N(0, 0.1) - l * log(2), so that a full cell of 2**l keys, which the rule
   weighs by its count of real keys, weighs as one key at initialisation (a
   candidate fix, not the paper's).
+
+  scan_layers: one scanned layer body instead of num_layers copies (same numbers,
+  another parameter tree); remat: "none", "full" or "save_matmuls" (see
+  lm1b.layer_stack).
   """
 
   vocab_size: int = 8000
@@ -93,6 +97,8 @@ class ModelConfig:
   relative_bias_shared_heads: bool = False
   relative_bias_per_level: bool = False
   relative_bias_level_discount: bool = False
+  scan_layers: bool = False
+  remat: str = "none"
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "num_heads", "d_model", "d_ff",
@@ -116,6 +122,9 @@ class ModelConfig:
       raise ConfigError(f"ModelConfig.position_encoding='rotary' needs an even head_dim, got "
                         f"d_model / num_heads = {self.head_dim}")
     self._check_relative_bias()
+    if self.remat not in layer_stack.REMAT_POLICIES:
+      raise ConfigError(f"ModelConfig.remat={self.remat!r} must be one of "
+                        f"{tuple(layer_stack.REMAT_POLICIES)}")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ConfigError(f"ModelConfig.dropout_rate={self.dropout_rate!r} must "
                        "be in [0, 1)")
@@ -440,9 +449,8 @@ class DecoderLM(nn.Module):
     bias = self._t5_bias(positions) if cfg.relative_bias == "t5" else None
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-    for layer in range(cfg.num_layers):
-      x = DecoderBlock(cfg, self.decode, name=f"block_{layer}")(
-          x, rotation, bias, segment_ids, deterministic)
+    x = layer_stack.apply_layers(DecoderBlock, cfg, self.decode, x, rotation, bias,
+                                 segment_ids, deterministic)
     x = _layer_norm(cfg, "ln_final")(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x)

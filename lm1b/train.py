@@ -39,6 +39,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
+from lm1b import aot
 from lm1b import batches as batches_lib
 from lm1b import checkpoints
 from lm1b import evaluate
@@ -409,6 +410,10 @@ def train_and_evaluate(workdir: str, *, num_steps: int = gin.REQUIRED, log_every
   source = sources.make_source(splits=SPLITS)
   say(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
       f"device(s), {jax.process_count()} process(es)")
+  if aot.precompile_wanted():  # an out-of-memory costs a minute, not a data preparation
+    fit = aot.precompile_train_step(model_config, optimizer, mesh, input_config.global_batch,
+                                    input_config.seq_len, label_smoothing)
+    say(f"train step compiled before data preparation: {aot.describe(fit)}")
   try:
     with _locked_workdir(workdir), StopRequest(stop_check_every) as stop:
       result = _train_in_workdir(workdir, loop, model_config, input_config, optimizer, mesh,

@@ -1,0 +1,51 @@
+"""train.py compiles its train step before preparing data where HLM1B_PRECOMPILE (or a TPU
+backend) asks for it, so that a step that does not fit stops the run before the hour-long
+data preparation (lm1b.aot)."""
+
+import pytest
+
+from lm1b import aot, cli, train
+import test_train
+from test_train import gin_flags, micro_params
+
+micro = test_train.micro  # the fixture: a micro corpus and data root
+
+
+def test_precompile_runs_before_data_preparation(micro, tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv("HLM1B_PRECOMPILE", "1")
+  prepare = train.input_pipeline.prepare_data
+
+  def announced(*args, **kwargs):
+    print("preparing data now", flush=True)
+    return prepare(*args, **kwargs)
+
+  monkeypatch.setattr(train.input_pipeline, "prepare_data", announced)
+  argv = ["--workdir", str(tmp_path / "run"), *gin_flags(micro_params(micro[0], num_steps=1))]
+  assert cli.train_main(argv) == 0
+  out = capsys.readouterr().out
+  compiled = out.index("train step compiled before data preparation: peak ")
+  assert compiled < out.index("preparing data now") < out.index("model: "), out
+
+
+def test_a_step_that_does_not_fit_stops_before_data_preparation(micro, tmp_path,
+                                                                 monkeypatch, capsys):
+  monkeypatch.setenv("HLM1B_PRECOMPILE", "1")
+  monkeypatch.setattr(aot.hbm, "hbm_bytes", lambda kind: 1024)  # a 1 KiB "chip"
+  workdir = tmp_path / "run"
+  argv = ["--workdir", str(workdir), *gin_flags(micro_params(micro[0], num_steps=1))]
+  assert cli.train_main(argv) == cli.EXIT_FAILURE
+  captured = capsys.readouterr()
+  line, = captured.err.strip().splitlines()
+  assert line.startswith("error: train step needs "), line
+  assert "GiB per device, a cpu has 0.00 GiB; try a smaller global batch, fsdp" in line
+  assert "ModelConfig.remat" in line
+  assert "model: " not in captured.out
+  assert not (workdir / "tokenizer.model").exists()
+
+
+@pytest.mark.parametrize("value,backend,wanted", [("1", "cpu", True), ("0", "tpu", False),
+                                                  ("", "tpu", True), ("", "cpu", False)])
+def test_precompile_switch(monkeypatch, value, backend, wanted):
+  monkeypatch.setenv("HLM1B_PRECOMPILE", value)
+  monkeypatch.setattr(aot.jax, "default_backend", lambda: backend)
+  assert aot.precompile_wanted() is wanted
