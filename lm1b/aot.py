@@ -23,8 +23,11 @@ PROGRAMS = ("train", "eval", "sample")
 GIB = 2**30
 KNOBS = ("a smaller global batch", "fsdp (--gin_param 'make_mesh.fsdp = N')",
          "rematerialisation (--gin_param 'ModelConfig.remat = \"full\"')")
-# libtpu's refusal: "Ran out of memory in memory space hbm. Used 48.88G of 15.75G hbm."
-_USED = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm")
+# libtpu's refusals: "Ran out of memory in memory space hbm. Used 48.88G of 15.75G hbm." and
+# "Ran out of memory on HBM, the total memory required for HLO temporaries (144.87G) exceeds
+# available HBM (15.75G)."
+_REFUSALS = (re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"),
+             re.compile(r"\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)"))
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -99,10 +102,11 @@ def _bytes_in(number: str, unit: str) -> int:
 
 def refused_bytes(message: str) -> tuple[int, int] | None:
   """(needed, available) bytes per device from libtpu's out-of-memory message, if it is one."""
-  match = _USED.search(message)
-  if match is None:
-    return None
-  return _bytes_in(*match.group(1, 2)), _bytes_in(*match.group(3, 4))
+  for pattern in _REFUSALS:
+    match = pattern.search(message)
+    if match:
+      return _bytes_in(*match.group(1, 2)), _bytes_in(*match.group(3, 4))
+  return None
 
 
 @dataclasses.dataclass

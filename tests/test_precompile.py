@@ -49,3 +49,14 @@ def test_precompile_switch(monkeypatch, value, backend, wanted):
   monkeypatch.setenv("HLM1B_PRECOMPILE", value)
   monkeypatch.setattr(aot.jax, "default_backend", lambda: backend)
   assert aot.precompile_wanted() is wanted
+
+
+@pytest.mark.parametrize("message,needed,available", [
+    ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+     "temporaries (144.87G) exceeds available HBM (15.75G).", 144.87 * 2**30, 15.75 * 2**30),
+    ("Ran out of memory in memory space hbm. Used 48.88G of 15.75G hbm. Exceeded hbm capacity "
+     "by 33.13G.", 48.88 * 2**30, 15.75 * 2**30),
+])
+def test_refusals_of_the_tpu_compiler_are_read(message, needed, available):
+  assert aot.refused_bytes(message) == (int(needed), int(available))
+  assert aot.refused_bytes("INTERNAL: something else") is None
