@@ -131,8 +131,9 @@ class Fit:
 def compile_fit(lowered, device_kind: str) -> Fit:
   """Compiles `lowered`; its memory per device, collective bytes per step and compile time.
 
-  peak_bytes: XLA's peak_memory_in_bytes when it reports one, else arguments + outputs -
-  aliased + temporaries. An out-of-memory refusal by the compiler becomes a Fit that does not
+  peak_bytes: the larger of XLA's peak_memory_in_bytes and arguments + outputs - aliased +
+  temporaries (on TPU either can be the larger: the peak counts generated code, the sum
+  counts every temporary buffer as live at once). An out-of-memory refusal by the compiler becomes a Fit that does not
   fit (the needed bytes from its message); other compile errors propagate.
   """
   start = time.perf_counter()
@@ -149,7 +150,7 @@ def compile_fit(lowered, device_kind: str) -> Fit:
   memory = compiled.memory_analysis()
   summed = (memory.argument_size_in_bytes + memory.output_size_in_bytes
             - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
-  peak = getattr(memory, "peak_memory_in_bytes", 0) or summed
+  peak = max(getattr(memory, "peak_memory_in_bytes", 0), summed)
   traffic, _ = hlo_collectives.collective_traffic(compiled.as_text())
   return Fit(device_kind, memory.argument_size_in_bytes, memory.temp_size_in_bytes,
              memory.output_size_in_bytes, memory.alias_size_in_bytes, peak,

@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"gin config file (repeatable; default {cli.DEFAULT_GIN_FILE})")
   parser.add_argument("--gin_param", action="append", default=[])
   parser.add_argument("--global_batch", type=int, default=None,
-                      help="default: build_inputs.global_batch (eval_global_batch for eval)")
+                      help="default: build_inputs.global_batch (eval_global_batch for eval, "
+                           "one row per data x fsdp shard for sample)")
   parser.add_argument("--seq_len", type=int, default=None,
                       help="default: build_inputs.seq_len")
   parser.add_argument("--programs", type=_programs, default=("train",),
@@ -130,10 +131,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
   failures = []
   for program in args.programs:
-    batch = args.global_batch or ((inputs.eval_global_batch or inputs.global_batch) if program == "eval"
-                                  else inputs.global_batch)
-    if program == "sample" and not args.global_batch:
-      batch = aot.batch_granularity(mesh)
+    defaults = {"train": inputs.global_batch, "sample": aot.batch_granularity(mesh),
+                "eval": inputs.eval_global_batch or inputs.global_batch}
+    batch = args.global_batch or defaults[program]
     failures.append(check(args.topology, program, model_config, mesh, batch, seq_len)[1])
   failures = [line for line in failures if line]
   for line in failures:

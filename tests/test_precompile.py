@@ -11,20 +11,28 @@ from test_train import gin_flags, micro_params
 micro = test_train.micro  # the fixture: a micro corpus and data root
 
 
+class _Preparing(Exception):
+  """Raised where the data preparation would start (the test needs nothing after it)."""
+
+
 def test_precompile_runs_before_data_preparation(micro, tmp_path, monkeypatch, capsys):
   monkeypatch.setenv("HLM1B_PRECOMPILE", "1")
-  prepare = train.input_pipeline.prepare_data
 
-  def announced(*args, **kwargs):
+  def prepare_data(*args, **kwargs):
     print("preparing data now", flush=True)
-    return prepare(*args, **kwargs)
+    raise _Preparing
 
-  monkeypatch.setattr(train.input_pipeline, "prepare_data", announced)
-  argv = ["--workdir", str(tmp_path / "run"), *gin_flags(micro_params(micro[0], num_steps=1))]
-  assert cli.train_main(argv) == 0
+  monkeypatch.setattr(train.input_pipeline, "prepare_data", prepare_data)
+  argv = ["--workdir", str(tmp_path / "run"), *gin_flags(micro_params(micro[0], num_steps=2))]
+  with pytest.raises(_Preparing):
+    cli.train_main(argv)
   out = capsys.readouterr().out
   compiled = out.index("train step compiled before data preparation: peak ")
-  assert compiled < out.index("preparing data now") < out.index("model: "), out
+  assert compiled < out.index("preparing data now"), out
+  monkeypatch.setenv("HLM1B_PRECOMPILE", "0")
+  with pytest.raises(_Preparing):
+    cli.train_main(argv)
+  assert "compiled before data preparation" not in capsys.readouterr().out
 
 
 def test_a_step_that_does_not_fit_stops_before_data_preparation(micro, tmp_path,
@@ -32,7 +40,7 @@ def test_a_step_that_does_not_fit_stops_before_data_preparation(micro, tmp_path,
   monkeypatch.setenv("HLM1B_PRECOMPILE", "1")
   monkeypatch.setattr(aot.hbm, "hbm_bytes", lambda kind: 1024)  # a 1 KiB "chip"
   workdir = tmp_path / "run"
-  argv = ["--workdir", str(workdir), *gin_flags(micro_params(micro[0], num_steps=1))]
+  argv = ["--workdir", str(workdir), *gin_flags(micro_params(micro[0], num_steps=2))]
   assert cli.train_main(argv) == cli.EXIT_FAILURE
   captured = capsys.readouterr()
   line, = captured.err.strip().splitlines()
