@@ -17,6 +17,8 @@ _CALLS = re.compile(r"\b(?:body|condition|to_apply|calls|true_computation|"
                     r"false_computation)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_CONDITION = re.compile(r"\bcondition=%?([\w.\-]+)")
+_INT_CONSTANT = re.compile(r"= s32\[\][^ ]* constant\((\d+)\)")
 
 
 def _bytes(shapes: str) -> int:
@@ -42,6 +44,22 @@ def _collective(line: str) -> tuple[str, int] | None:
   return kind, _bytes(operands.split("{")[0]) or _bytes(result_type)
 
 
+def _trip_count(line: str, computations: dict[str, list[str]]) -> int | None:
+  """Trips of the while loop of HLO instruction `line`: XLA's known_trip_count, else (the TPU
+  compiler leaves it out) N from a condition `i < N` with one int32 constant N, the loop
+  counter starting at 0 as in the loops jax.lax.scan makes; None when neither is found."""
+  known = _TRIP_COUNT.search(line)
+  if known:
+    return int(known.group(1))
+  condition = _CONDITION.search(line)
+  if condition is None or " while(" not in line:
+    return None
+  body = computations.get(condition.group(1), [])
+  constants = [int(m.group(1)) for text in body for m in [_INT_CONSTANT.search(text)] if m]
+  compares_less = any("ROOT" in text and "direction=LT" in text for text in body)
+  return constants[0] if len(constants) == 1 and compares_less else None
+
+
 def collective_traffic(hlo_text: str) -> tuple[int, dict[str, int]]:
   """(bytes per device per call, op counts by kind) of a compiled module's HLO text.
 
@@ -65,13 +83,13 @@ def collective_traffic(hlo_text: str) -> tuple[int, dict[str, int]]:
       if found:
         totals[found[0]] += found[1] * times
         counts[found[0]] += times
-      trips = _TRIP_COUNT.search(line)
+      trips = _trip_count(line, computations)
       callees = _CALLS.findall(line)
       for branches in _BRANCHES.findall(line):
         callees += [b.strip().lstrip("%") for b in branches.split(",")]
       for callee in callees:
         if callee in computations and callee != name:
-          visit(callee, times * (int(trips.group(1)) if trips and "body=" in line else 1),
+          visit(callee, times * (trips if trips and "body=" in line else 1),
                 totals, counts)
 
   totals, counts = collections.Counter(), collections.Counter()

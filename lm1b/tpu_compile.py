@@ -10,7 +10,8 @@ The mesh and logical axis rules are the configured ones (make_mesh bindings), bu
 topology's devices. For each program: one human line, then one JSON line (starting with "{")
 with topology, device_kind, program, mesh, global_batch, seq_len, argument_bytes, temp_bytes,
 output_bytes, alias_bytes, peak_bytes (per device), hbm_bytes (lm1b.hbm), fits,
-collective_bytes (per device per step, lm1b.hlo_collectives), model_flops (per step over the
+collective_bytes (per device per step, lm1b.hlo_collectives; for sampling, the decode loop's
+body counted once, its trip count depending on the data), model_flops (per step over the
 global batch, lm1b.flops; null for sampling) and compile_seconds. XLA's cost analysis is not
 reported: its FLOPs leave out loop bodies and its optimal_seconds are negative for loops.
 
@@ -31,15 +32,17 @@ from lm1b import aot, cli, input_pipeline, partitioning
 from lm1b import model as model_lib
 from lm1b.errors import ConfigError
 
-# libtpu looks for a TPU VM's metadata at start-up unless told what it is.
-_QUIET_LIBTPU = {"TPU_ACCELERATOR_TYPE": "v5litepod-8", "TPU_WORKER_HOSTNAMES": "localhost",
-                 "TPU_SKIP_MDS_QUERY": "1"}
+# libtpu looks for a TPU VM's metadata at start-up unless told what it is, and takes a
+# machine-wide lock (/tmp/libtpu_lockfile) that would keep two compile checks from running at
+# once; neither matters where no chip is used.
+_LIBTPU_ENV = {"TPU_ACCELERATOR_TYPE": "v5litepod-8", "TPU_WORKER_HOSTNAMES": "localhost",
+               "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
 def topology_devices(name: str) -> list:
   """The devices of TPU topology `name` (e.g. "v5e:2x4"); ConfigError when libtpu is missing
   or refuses the name."""
-  for key, value in _QUIET_LIBTPU.items():
+  for key, value in _LIBTPU_ENV.items():
     os.environ.setdefault(key, value)
   try:
     from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
