@@ -103,7 +103,9 @@ def write(records: list[dict]) -> None:
   sections = ["Train steps compiled for TPU topologies by libtpu on this CPU machine "
               "(lm1b.tpu_compile); per-chip bytes from XLA's memory analysis, collective "
               "bytes per chip per step from the HLO, model FLOPs per step from lm1b.flops. "
-              "Compile seconds are on this shared 2-core machine.", "",
+              "Compile seconds are on this shared 2-core machine. Collective '-': not "
+              "counted (records made before lm1b.hlo_collectives counted the trips of TPU "
+              "loops, which undercounted scanned layers; rerun the case).", "",
               common.markdown_table(header, rows)]
   if largest:
     sections += ["", "Largest global batch whose train step fits:", "",
