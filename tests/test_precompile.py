@@ -1,10 +1,13 @@
 """train.py compiles its train step before preparing data where HLM1B_PRECOMPILE (or a TPU
 backend) asks for it, so that a step that does not fit stops the run before the hour-long
-data preparation (lm1b.aot)."""
+data preparation (lm1b.aot); the compiler's out-of-memory messages read; and the largest-batch
+search of lm1b.tpu_compile (its compiles replaced by a rule, so no libtpu is needed)."""
+
+import types
 
 import pytest
 
-from lm1b import aot, cli, train
+from lm1b import aot, cli, tpu_compile, train
 import test_train
 from test_train import gin_flags, micro_params
 
@@ -68,3 +71,21 @@ def test_precompile_switch(monkeypatch, value, backend, wanted):
 def test_refusals_of_the_tpu_compiler_are_read(message, needed, available):
   assert aot.refused_bytes(message) == (int(needed), int(available))
   assert aot.refused_bytes("INTERNAL: something else") is None
+
+
+@pytest.mark.parametrize("limit,start,want", [(200, 256, 200), (200, 8, 200), (7, 64, 0),
+                                              (4096, 256, 4096)])
+def test_find_max_batch_searches_multiples_of_the_row_shards(monkeypatch, capsys, limit,
+                                                             start, want):
+  tried = []
+
+  def check(topology, program, config, mesh, batch, seq_len):
+    tried.append(batch)
+    return {}, None if batch <= limit else "does not fit"
+
+  monkeypatch.setattr(tpu_compile, "check", check)
+  mesh = types.SimpleNamespace(shape={"data": 4, "fsdp": 2, "tensor": 1})
+  assert tpu_compile.find_max_batch("v5e:2x4", None, mesh, 256, start) == want
+  assert all(batch % 8 == 0 for batch in tried) and len(tried) == len(set(tried))
+  assert f"largest global batch whose train step fits at seq_len 256: {want}" in \
+      capsys.readouterr().out
