@@ -134,8 +134,8 @@ def compile_fit(lowered, device_kind: str) -> Fit:
   peak_bytes: the larger of XLA's peak_memory_in_bytes and arguments + outputs - aliased +
   temporaries (on TPU either can be the larger: the peak counts generated code, the sum
   counts every temporary buffer as live at once). An out-of-memory refusal by the compiler
-  becomes a Fit that does not
-  fit (the needed bytes from its message); other compile errors propagate.
+  becomes a Fit that does not fit (the needed bytes from its message); other compile errors
+  propagate.
   """
   start = time.perf_counter()
   try:
