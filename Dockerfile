@@ -14,9 +14,10 @@ ENV PYTHONUNBUFFERED=1 \
     HLM1B_DATA_ROOT=/data
 
 WORKDIR /app
-COPY requirements.txt requirements-tfds.txt requirements-gcs.txt pyproject.toml ./
+COPY requirements.txt requirements-tpu.txt requirements-tfds.txt requirements-gcs.txt pyproject.toml ./
 RUN python -m pip install --upgrade pip \
- && pip install -r requirements.txt "jax[${ACCELERATOR}]==0.10.2" \
+ && if [ "${ACCELERATOR}" = "tpu" ]; then pip install -r requirements.txt -r requirements-tpu.txt; \
+    else pip install -r requirements.txt "jax[${ACCELERATOR}]==0.10.2"; fi \
  && if [ "${WITH_TFDS}" = "1" ]; then pip install -r requirements-tfds.txt; fi \
  && if [ "${WITH_GCS}" = "1" ]; then pip install -r requirements-gcs.txt; fi
 

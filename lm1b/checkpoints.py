@@ -40,6 +40,7 @@ from lm1b.checkpoint_types import (
     CheckpointError, CheckpointMismatchError, CheckpointWriteError, CorruptCheckpointError,
     Damaged, NoCheckpointError, Restored, ShapeDtype, describe_damaged, listing,
     shape_problems, shapes, summarize_error)
+from lm1b import layer_stack
 from lm1b import orbax_quiet
 from lm1b import storage
 from lm1b.chief import is_chief
@@ -230,13 +231,16 @@ class Checkpointer:
           continue
       return None
     step = self._existing_step(step)
-    problems = []
+    problems, saved_paths, wanted_paths = [], set(), set()
     for item, abstract in abstract_items.items():
-      problems += shape_problems(item, self._saved_shapes(step, item), shapes(abstract))
+      saved, wanted = self._saved_shapes(step, item), shapes(abstract)
+      problems += shape_problems(item, saved, wanted)
+      saved_paths, wanted_paths = saved_paths | set(saved), wanted_paths | set(wanted)
     if problems:
+      hint = layer_stack.layout_hint(saved_paths, wanted_paths)
       raise CheckpointMismatchError(
           f"checkpoint {self.step_path(step)} does not match the configured model: "
-          f"{listing(problems)}")
+          f"{hint + '; ' if hint else ''}{listing(problems)}")
     return step
 
   def restore(self, abstract_items: Mapping[str, Any], step: int | None = None) -> Restored:

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from hattention import (decode_step, hierarchical_attention, init_cache, kv_cache_step,
                         level_count)
 from hattention.relative_position import table_size
-from lm1b import rotary, t5_bias
+from lm1b import layer_stack, rotary, t5_bias
 from lm1b.model_config import ModelConfig
 
 ACTIVATION_AXES = ("batch", "length", "embed")
@@ -333,9 +333,8 @@ class DecoderLM(nn.Module):
     bias = self._t5_bias(positions) if cfg.relative_bias == "t5" else None
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-    for layer in range(cfg.num_layers):
-      x = DecoderBlock(cfg, self.decode, name=f"block_{layer}")(
-          x, rotation, bias, segment_ids, deterministic)
+    x = layer_stack.apply_layers(DecoderBlock, cfg, self.decode, x, rotation, bias,
+                                 segment_ids, deterministic)
     x = _layer_norm(cfg, "ln_final")(x)
     if cfg.tie_embeddings:
       logits = embed.attend(x)

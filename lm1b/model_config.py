@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from hattention import QUERY_MODES
 from lm1b.errors import ConfigError
+from lm1b.layer_stack import REMAT_POLICIES
 
 ATTENTION_KINDS = ("hierarchical", "full")
 POSITION_ENCODINGS = ("learned", "rotary", "none")
@@ -39,6 +40,10 @@ class ModelConfig:
   N(0, 0.1) - l * log(2), so that a full cell of 2**l keys, which the rule
   weighs by its count of real keys, weighs as one key at initialisation (a
   candidate fix, not the paper's).
+
+  scan_layers: one scanned layer body instead of num_layers copies (same numbers,
+  another parameter tree); remat: "none", "full" or "save_matmuls" (see
+  lm1b.layer_stack).
   """
 
   vocab_size: int = 8000
@@ -59,6 +64,8 @@ class ModelConfig:
   relative_bias_shared_heads: bool = False
   relative_bias_per_level: bool = False
   relative_bias_level_discount: bool = False
+  scan_layers: bool = False
+  remat: str = "none"
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "num_heads", "d_model", "d_ff",
@@ -82,6 +89,8 @@ class ModelConfig:
       raise ConfigError(f"ModelConfig.position_encoding='rotary' needs an even head_dim, got "
                         f"d_model / num_heads = {self.head_dim}")
     self._check_relative_bias()
+    if self.remat not in REMAT_POLICIES:
+      raise ConfigError(f"ModelConfig.remat={self.remat!r} must be one of {tuple(REMAT_POLICIES)}")
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ConfigError(f"ModelConfig.dropout_rate={self.dropout_rate!r} must "
                        "be in [0, 1)")

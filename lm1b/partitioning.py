@@ -36,6 +36,7 @@ LOGICAL_AXIS_RULES = (
     ("vocab", "tensor"),
     ("kv", None),
     ("length", None),
+    ("layers", None),  # the stacked layer axis of ModelConfig.scan_layers
 )
 
 

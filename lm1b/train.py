@@ -32,6 +32,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from lm1b import aot
 from lm1b import checkpoints, experiment, flops, input_pipeline, loop, model, optim
 from lm1b import partitioning, paths, run_config, sources, storage
 from lm1b import throughput as throughput_lib
@@ -123,6 +124,10 @@ def train_and_evaluate(config: run_config.RunConfig, workdir: Workdir) -> TrainR
   source = config.source(splits=SPLITS)
   say(f"mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
       f"device(s), {jax.process_count()} process(es)")
+  if aot.precompile_wanted():  # an out-of-memory costs a minute, not a data preparation
+    fit = aot.precompile_train_step(config.model, optimizer, mesh, config.inputs.global_batch,
+                                    config.inputs.seq_len, config.loop.label_smoothing)
+    say(f"train step compiled before data preparation: {aot.describe(fit)}")
   try:
     with _locked_workdir(workdir), StopRequest(config.loop.stop_check_every) as stop:
       return _train_in_workdir(workdir, config, optimizer, mesh, source, stop)
