@@ -103,6 +103,9 @@ def test_killing_one_of_two_processes_ends_the_other_in_one_line(micro, tmp_path
       early.append(line)
       if line.startswith("step 3/"):
         break
+    deadline = time.monotonic() + 120  # the asynchronous save of step 2 becomes a step directory
+    while supervisor.latest_step(tmp_path / "checkpoints") is None and time.monotonic() < deadline:
+      time.sleep(0.2)
     processes[victim].kill()  # its child (the run itself) dies with it
     killed_at = time.monotonic()
     output = survivor.communicate(timeout=120)[0]
