@@ -1,6 +1,7 @@
 """Shared helpers of the benchmark scripts: timing, machine description, tables."""
 
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -80,3 +81,16 @@ def write_report(path: str, title: str, sections: Sequence[str]) -> None:
   with open(path, "w", encoding="utf-8") as handle:
     handle.write("\n".join(header + list(sections)) + "\n")
   print(f"wrote {path}")
+
+
+def merge_records(path: str, new: Sequence[dict], key: Callable[[dict], tuple]) -> list[dict]:
+  """The records of JSON-lines file `path` with `new` merged in (a record whose key equals a
+  new one's is replaced), written back to `path`; returns them all."""
+  kept = {}
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      kept = {key(r): r for r in (json.loads(line) for line in f if line.strip())}
+  kept.update({key(r): r for r in new})
+  with open(path, "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(r) + "\n" for r in kept.values())
+  return list(kept.values())

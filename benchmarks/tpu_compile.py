@@ -5,7 +5,9 @@ this CPU machine with libtpu (lm1b.tpu_compile; no chip used).
       [--global_batch 256] [--seq_len 256] [--max_batch]
 
 A case is CONFIG,ATTENTION,TOPOLOGY[,scan][,remat=POLICY][,fsdp]: CONFIG 53m or 144m
-(gin/lm1b_CONFIG.gin, or gin/lm1b_CONFIG_full.gin for full attention), scan sets
+(gin/lm1b_CONFIG.gin, or gin/lm1b_CONFIG_full.gin for full attention, with
+full_attention_kernel = "flash" for ATTENTION flash), TOPOLOGY a libtpu layout or a Cloud TPU
+accelerator type (lm1b.tpu_topology), scan sets
 ModelConfig.scan_layers, fsdp shards parameters over every chip (make_mesh.fsdp = -1,
 data = 1). --max_batch searches the largest global batch whose train step fits instead.
 Every record is appended to benchmarks/results/tpu_compile.json (one JSON object a line; a
@@ -15,7 +17,6 @@ one case per invocation in the background if the machine is shared.
 """
 
 import argparse
-import json
 import os
 
 from benchmarks import common
@@ -23,12 +24,14 @@ from lm1b import cli, run_config, tpu_compile
 
 JSON_PATH = os.path.join(common.RESULTS_DIR, "tpu_compile.json")
 GIB = 2**30
+# hierarchical: gin/lm1b_CONFIG.gin; full: gin/lm1b_CONFIG_full.gin (XLA's attention); flash:
+# the same with the Pallas TPU kernel (ModelConfig.full_attention_kernel = "flash").
+ATTENTIONS = ("hierarchical", "full", "flash")
 
 
 def _case(text: str) -> dict:
   parts = text.split(",")
-  if len(parts) < 3 or parts[0] not in ("53m", "144m") or parts[1] not in ("hierarchical",
-                                                                          "full"):
+  if len(parts) < 3 or parts[0] not in ("53m", "144m") or parts[1] not in ATTENTIONS:
     raise argparse.ArgumentTypeError(f"--case {text!r}: expected CONFIG,ATTENTION,TOPOLOGY"
                                      "[,scan][,remat=POLICY][,fsdp]")
   options = dict(config=parts[0], attention=parts[1], topology=parts[2], scan=False,
@@ -44,10 +47,12 @@ def _case(text: str) -> dict:
 
 
 def _gin(case: dict) -> tuple[list[str], list[str]]:
-  suffix = "_full" if case["attention"] == "full" else ""
+  suffix = "" if case["attention"] == "hierarchical" else "_full"
   files = [cli.resolve_gin_file(f"gin/lm1b_{case['config']}{suffix}.gin")]
   params = [f"ModelConfig.scan_layers = {case['scan']}",
             f"ModelConfig.remat = {case['remat']!r}".replace("'", '"')]
+  if case["attention"] == "flash":
+    params.append('ModelConfig.full_attention_kernel = "flash"')
   if case["fsdp"]:
     params += ["make_mesh.data = 1", "make_mesh.fsdp = -1"]
   return files, params
@@ -60,8 +65,12 @@ def measure(case: dict, global_batch: int, seq_len: int, max_batch: bool) -> lis
   config = run_config.build()
   mesh = config.mesh(devices=tpu_compile.topology_devices(case["topology"]))
   if max_batch:
-    largest = tpu_compile.find_max_batch(case["topology"], config, mesh, seq_len, global_batch)
-    return [dict(case, kind="max_batch", max_global_batch=largest, seq_len=seq_len)]
+    largest, points = tpu_compile.find_max_batch(case["topology"], config, mesh, seq_len,
+                                                 global_batch)
+    peak = next((p.needed for p in points if p.size == largest), None)
+    return [dict(case, kind="max_batch", max_global_batch=largest, seq_len=seq_len,
+                 compiles=len(points), peak_bytes=peak,
+                 tried=[[p.size, p.needed] for p in points])]
   record, _ = tpu_compile.check(case["topology"], "train", config, mesh, global_batch, seq_len)
   return [dict(record, **case, kind="train")]
 
@@ -71,45 +80,42 @@ def _key(record: dict) -> tuple:
                                        "remat", "fsdp", "global_batch", "seq_len"))
 
 
-def _load() -> list[dict]:
-  if not os.path.exists(JSON_PATH):
-    return []
-  with open(JSON_PATH, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def _gib(value) -> str:
   return "-" if value is None else f"{value / GIB:.2f}"
 
 
 def write(records: list[dict]) -> None:
-  with open(JSON_PATH, "w", encoding="utf-8") as f:
-    f.writelines(json.dumps(r) + "\n" for r in records)
+  """The markdown table of all records."""
   train = [r for r in records if r["kind"] == "train"]
   header = ["model", "attention", "topology", "mesh", "scan", "remat", "batch x seq",
-            "args GiB", "temp GiB", "peak GiB/chip", "HBM GiB", "fits", "compile s",
-            "collective MiB/step", "model TFLOP/step"]
+            "args GiB", "temp GiB", "peak GiB/chip", "HBM GiB", "fits", "lower s", "compile s",
+            "HLO instructions", "collective MiB/step", "model TFLOP/step"]
   rows = [[r["config"], r["attention"], r["topology"],
            ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1",
            "yes" if r["scan"] else "no", r["remat"], f"{r['global_batch']} x {r['seq_len']}",
            _gib(r["argument_bytes"]), _gib(r["temp_bytes"]), _gib(r["peak_bytes"]),
-           _gib(r["hbm_bytes"]), "yes" if r["fits"] else "**no**", r["compile_seconds"],
+           _gib(r["hbm_bytes"]), "yes" if r["fits"] else "**no**",
+           r.get("lower_seconds") or "-", r["compile_seconds"], r.get("hlo_instructions") or "-",
            "-" if r["collective_bytes"] is None else f"{r['collective_bytes'] / 2**20:.1f}",
            f"{r['model_flops'] / 1e12:.2f}"] for r in train]
   largest = [[r["config"], r["attention"], r["topology"], "yes" if r["scan"] else "no",
-              r["remat"], "yes" if r["fsdp"] else "no", r["seq_len"], r["max_global_batch"]]
+              r["remat"], "yes" if r["fsdp"] else "no", r["seq_len"], r["max_global_batch"],
+              _gib(r.get("peak_bytes")), r.get("compiles", "-")]
              for r in records if r["kind"] == "max_batch"]
   sections = ["Train steps compiled for TPU topologies by libtpu on this CPU machine "
               "(lm1b.tpu_compile); per-chip bytes from XLA's memory analysis, collective "
               "bytes per chip per step from the HLO, model FLOPs per step from lm1b.flops. "
-              "Compile seconds are on this shared 2-core machine. Collective '-': not "
-              "counted (records made before lm1b.hlo_collectives counted the trips of TPU "
-              "loops, which undercounted scanned layers; rerun the case).", "",
+              "Lower s: tracing and lowering to StableHLO; compile s: XLA's TPU "
+              "compile, on this shared 2-core machine; '-': not recorded (older records). "
+              "Collective '-': not counted (records made before lm1b.hlo_collectives "
+              "counted the trips of TPU loops, which undercounted scanned layers; rerun "
+              "the case).", "",
               common.markdown_table(header, rows)]
   if largest:
     sections += ["", "Largest global batch whose train step fits:", "",
                  common.markdown_table(["model", "attention", "topology", "scan", "remat",
-                                        "fsdp", "seq_len", "largest global batch"], largest)]
+                                        "fsdp", "seq_len", "largest global batch",
+                                        "its peak GiB/chip", "compiles"], largest)]
   common.write_report(os.path.join(common.RESULTS_DIR, "tpu_compile.md"),
                       "TPU compile check", sections)
 
@@ -123,9 +129,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   for case in args.case:
     new = measure(case, args.global_batch, args.seq_len, args.max_batch)
-    kept = {_key(r): r for r in _load()}
-    kept.update({_key(r): r for r in new})
-    write(list(kept.values()))
+    write(common.merge_records(JSON_PATH, new, _key))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ KNOBS = ("a smaller global batch", "fsdp (--gin_param 'make_mesh.fsdp = N')",
 # libtpu's refusals: "Ran out of memory in memory space hbm. Used 48.88G of 15.75G hbm." and
 # "Ran out of memory on HBM, the total memory required for HLO temporaries (144.87G) exceeds
 # available HBM (15.75G)."
+# One instruction of an HLO module's text: "  %name = type op(...)" or "  ROOT %name = ...".
+_INSTRUCTION = re.compile(r"\s+(ROOT )?%?[\w.\-]+ = ")
 _REFUSALS = (re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm"),
              re.compile(r"\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)"))
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -121,6 +123,7 @@ class Fit:
   hbm_bytes: int | None
   collective_bytes: int | None
   compile_seconds: float
+  hlo_instructions: int | None = None  # of the optimized module (all computations)
 
   @property
   def fits(self) -> bool:
@@ -151,10 +154,12 @@ def compile_fit(lowered, device_kind: str) -> Fit:
   summed = (memory.argument_size_in_bytes + memory.output_size_in_bytes
             - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
   peak = max(getattr(memory, "peak_memory_in_bytes", 0), summed)
-  traffic, _ = hlo_collectives.collective_traffic(compiled.as_text())
+  hlo_text = compiled.as_text()
+  traffic, _ = hlo_collectives.collective_traffic(hlo_text)
   return Fit(device_kind, memory.argument_size_in_bytes, memory.temp_size_in_bytes,
              memory.output_size_in_bytes, memory.alias_size_in_bytes, peak,
-             hbm.hbm_bytes(device_kind), traffic, seconds)
+             hbm.hbm_bytes(device_kind), traffic, seconds,
+             sum(1 for line in hlo_text.splitlines() if _INSTRUCTION.match(line)))
 
 
 def does_not_fit_line(program: str, fit: Fit) -> str:
@@ -192,7 +197,8 @@ def describe(fit: Fit) -> str:
 
 
 def record(topology: str, program: str, mesh: jax.sharding.Mesh, global_batch: int,
-           seq_len: int, fit: Fit, flops_per_step: float | None) -> dict[str, Any]:
+           seq_len: int, fit: Fit, flops_per_step: float | None,
+           lower_seconds: float | None = None) -> dict[str, Any]:
   """The JSON record of one compiled program (see lm1b.tpu_compile)."""
   return {"topology": topology, "device_kind": fit.device_kind, "program": program,
           "mesh": dict(mesh.shape), "global_batch": global_batch, "seq_len": seq_len,
@@ -200,4 +206,6 @@ def record(topology: str, program: str, mesh: jax.sharding.Mesh, global_batch: i
           "output_bytes": fit.output_bytes, "alias_bytes": fit.alias_bytes,
           "peak_bytes": fit.peak_bytes, "hbm_bytes": fit.hbm_bytes, "fits": fit.fits,
           "collective_bytes": fit.collective_bytes, "model_flops": flops_per_step,
-          "compile_seconds": round(fit.compile_seconds, 2)}
+          "compile_seconds": round(fit.compile_seconds, 2),
+          "lower_seconds": None if lower_seconds is None else round(lower_seconds, 2),
+          "hlo_instructions": fit.hlo_instructions}

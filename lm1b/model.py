@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from hattention import (decode_step, hierarchical_attention, init_cache, kv_cache_step,
                         level_count)
 from hattention.relative_position import table_size
-from lm1b import layer_stack, rotary, t5_bias
+from lm1b import flash_attention, layer_stack, rotary, t5_bias
 from lm1b.model_config import ModelConfig
 
 ACTIVATION_AXES = ("batch", "length", "embed")
@@ -64,6 +64,13 @@ def attention_core(query, key, value, config: ModelConfig, segment_ids=None, bia
   Returns:
     [batch, length, heads, head_dim] in query's dtype.
   """
+  # Rows the kernel cannot take (the one-token trace of initialisation) and platforms it is not
+  # for use XLA's attention; run_config.build refuses a seq_len it cannot take.
+  whole_blocks = query.shape[1] % flash_attention.ROW_MULTIPLE == 0
+  if (config.attention == "full" and config.full_attention_kernel == "flash" and whole_blocks
+      and flash_attention.used_here()):
+    return flash_attention.flash_attention(query, key, value, segment_ids,
+                                           spec=nn.logical_to_mesh_axes(HEAD_AXES))
   if config.attention == "full":
     mask = None
     if segment_ids is not None:

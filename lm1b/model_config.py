@@ -13,6 +13,7 @@ from lm1b.errors import ConfigError
 from lm1b.layer_stack import REMAT_POLICIES
 
 ATTENTION_KINDS = ("hierarchical", "full")
+FULL_ATTENTION_KERNELS = ("xla", "flash")
 POSITION_ENCODINGS = ("learned", "rotary", "none")
 # Each relative bias and the attention it is for (None: any).
 RELATIVE_BIAS_ATTENTION = {"none": None, "hierarchical": "hierarchical", "t5": "full"}
@@ -44,6 +45,10 @@ class ModelConfig:
   scan_layers: one scanned layer body instead of num_layers copies (same numbers,
   another parameter tree); remat: "none", "full" or "save_matmuls" (see
   lm1b.layer_stack).
+  full_attention_kernel (attention="full"): "xla" (jax.nn.dot_product_attention) or
+  "flash" (the Pallas TPU kernel, lm1b.flash_attention: no [L, L] scores in memory;
+  rows a multiple of 128, no relative bias; XLA's attention off TPU). remat and
+  full_attention_kernel may change when a run resumes (the parameters are the same).
   """
 
   vocab_size: int = 8000
@@ -66,6 +71,7 @@ class ModelConfig:
   relative_bias_level_discount: bool = False
   scan_layers: bool = False
   remat: str = "none"
+  full_attention_kernel: str = "xla"
 
   def __post_init__(self):
     for name in ("vocab_size", "num_layers", "num_heads", "d_model", "d_ff",
@@ -91,6 +97,7 @@ class ModelConfig:
     self._check_relative_bias()
     if self.remat not in REMAT_POLICIES:
       raise ConfigError(f"ModelConfig.remat={self.remat!r} must be one of {tuple(REMAT_POLICIES)}")
+    self._check_kernel()
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ConfigError(f"ModelConfig.dropout_rate={self.dropout_rate!r} must "
                        "be in [0, 1)")
@@ -99,6 +106,18 @@ class ModelConfig:
     except TypeError as error:
       raise ConfigError(f"ModelConfig.dtype={self.dtype!r} is not a dtype "
                        "name") from error
+
+  def _check_kernel(self):
+    kernel = self.full_attention_kernel
+    if kernel not in FULL_ATTENTION_KERNELS:
+      raise ConfigError(f"ModelConfig.full_attention_kernel={kernel!r} must be one of "
+                        f"{FULL_ATTENTION_KERNELS}")
+    if kernel == "flash" and self.attention != "full":
+      raise ConfigError("ModelConfig.full_attention_kernel='flash' needs attention='full', "
+                        f"got attention={self.attention!r}")
+    if kernel == "flash" and self.relative_bias != "none":
+      raise ConfigError("ModelConfig.full_attention_kernel='flash' takes no relative bias, "
+                        f"got relative_bias={self.relative_bias!r}")
 
   def _check_relative_bias(self):
     bias = self.relative_bias

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 
 import gin
 
-from lm1b import input_pipeline, optim, partitioning, sources, tokenizer
+from lm1b import flash_attention, input_pipeline, optim, partitioning, sources, tokenizer
 from lm1b.errors import ConfigError
 from lm1b.loop_config import LoopConfig
 from lm1b.model_config import ModelConfig
@@ -71,6 +71,8 @@ _BINDINGS: dict[str, tuple[str, Callable[..., Any], tuple[str, ...]]] = {
 }
 # Fields that may differ when a run is resumed (loop lengths, logging, device layout).
 RESUMABLE = ("loop", "mesh")
+# Bindings of the other parts that change how a step runs but not what it computes or stores.
+RESUMABLE_BINDINGS = ("ModelConfig.remat", "ModelConfig.full_attention_kernel")
 
 
 def _collector(target: Callable[..., Any], passed: tuple[str, ...]) -> Callable[..., Any]:
@@ -110,6 +112,10 @@ def build() -> RunConfig:
     except TypeError as error:  # a binding of the wrong kind
       raise ConfigError(f"{_BINDINGS[field][0]}: {error}") from None
   config = RunConfig(**parts, text=gin.config_str())
+  rows = flash_attention.ROW_MULTIPLE
+  if config.model.full_attention_kernel == "flash" and config.inputs.seq_len % rows:
+    raise ConfigError(f"ModelConfig.full_attention_kernel='flash' needs rows of a multiple of "
+                      f"{rows} positions, got build_inputs.seq_len={config.inputs.seq_len}")
   if config.model.max_len < config.inputs.seq_len:
     raise ConfigError(f"ModelConfig.max_len={config.model.max_len} is shorter than the rows' "
                       f"build_inputs.seq_len={config.inputs.seq_len}")
@@ -141,14 +147,15 @@ def _values(part: Any) -> Mapping[str, Any]:
 
 def differences(old: RunConfig, new: RunConfig) -> list[str]:
   """The gin bindings whose values differ between two configurations, except those that may
-  change on resume (RESUMABLE), sorted."""
+  change on resume (RESUMABLE, RESUMABLE_BINDINGS), sorted."""
   changed = []
   for field, (name, _, _) in _BINDINGS.items():
     if field in RESUMABLE:
       continue
     before, after = _values(getattr(old, field)), _values(getattr(new, field))
     changed += [f"{name}.{key}" for key in set(before) | set(after)
-                if before.get(key) != after.get(key)]
+                if before.get(key) != after.get(key)
+                and f"{name}.{key}" not in RESUMABLE_BINDINGS]
   return sorted(changed)
 
 

@@ -12,11 +12,14 @@ with topology, device_kind, program, mesh, global_batch, seq_len, argument_bytes
 output_bytes, alias_bytes, peak_bytes (per device), hbm_bytes (lm1b.hbm), fits,
 collective_bytes (per device per step, lm1b.hlo_collectives; for sampling, the decode loop's
 body counted once, its trip count depending on the data), model_flops (per step over the
-global batch, lm1b.flops; null for sampling) and compile_seconds. XLA's cost analysis is not
+global batch, lm1b.flops; null for sampling), compile_seconds (XLA's TPU compile),
+lower_seconds (tracing and lowering to StableHLO before it) and hlo_instructions (of the
+compiled module: what the compile time grows with). XLA's cost analysis is not
 reported: its FLOPs leave out loop bodies and its optimal_seconds are negative for loops.
 
---find_max_batch searches (doubling, then bisection, one compile each) for the largest global
-batch whose train step fits, in multiples of the data x fsdp shards.
+--find_max_batch searches for the largest global batch whose train step fits, in multiples of
+the data x fsdp shards: each compile's needed bytes predict the next batch to try
+(lm1b.fit_search), so a linear memory curve takes 2-4 compiles.
 
 Exit codes: 0 every program fits, 1 one does not (its line says what it needs, what the chip
 has and which knobs help), 2 bad flags, gin bindings or topology (lm1b.cli conventions).
@@ -24,32 +27,21 @@ has and which knobs help), 2 bad flags, gin bindings or topology (lm1b.cli conve
 
 import argparse
 import json
-import os
 import sys
+import time
 from typing import Sequence
 
-from lm1b import aot, cli, run_config
+from lm1b import aot, cli, fit_search, run_config, tpu_topology
 from lm1b.errors import ConfigError
-
-# libtpu looks for a TPU VM's metadata at start-up unless told what it is, and takes a
-# machine-wide lock (/tmp/libtpu_lockfile) that would keep two compile checks from running at
-# once; neither matters where no chip is used.
-_LIBTPU_ENV = {"TPU_ACCELERATOR_TYPE": "v5litepod-8", "TPU_WORKER_HOSTNAMES": "localhost",
-               "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
 def topology_devices(name: str) -> list:
-  """The devices of TPU topology `name` (e.g. "v5e:2x4"); ConfigError when libtpu is missing
-  or refuses the name."""
-  for key, value in _LIBTPU_ENV.items():
-    os.environ.setdefault(key, value)
+  """The devices of TPU topology `name` ("v5e:2x4", "v4-8", lm1b.tpu_topology); ConfigError
+  naming --topology when libtpu is missing or refuses the name."""
   try:
-    from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-    return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
-  except Exception as error:  # pylint: disable=broad-except  (RuntimeError, XlaRuntimeError)
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    raise ConfigError(f"--topology {name!r}: no TPU topology of that name here ({first}; "
-                      "needs libtpu: pip install -r requirements-tpu.txt)") from error
+    return tpu_topology.devices(name)
+  except tpu_topology.TopologyError as error:
+    raise ConfigError(f"--topology {name!r}: {error}") from error
 
 
 def _programs(text: str) -> tuple[str, ...]:
@@ -63,7 +55,9 @@ def _programs(text: str) -> tuple[str, ...]:
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--topology", required=True, help="TPU topology, e.g. v5e:2x4, v4:2x2x1")
+  parser.add_argument("--topology", required=True,
+                      help="TPU topology: a layout (v5e:2x4, v4:2x2x1) or an accelerator type "
+                           "(v5litepod-8, v4-8, v5p-16, v6e-8)")
   parser.add_argument("--gin_file", action="append", default=None,
                       help=f"gin config file (repeatable; default {cli.DEFAULT_GIN_FILE})")
   parser.add_argument("--gin_param", action="append", default=[])
@@ -88,11 +82,14 @@ def check(topology: str, program: str, config: run_config.RunConfig, mesh,
                       f"{aot.batch_granularity(mesh)} data x fsdp shards of mesh "
                       f"{dict(mesh.shape)}")
   optimizer = config.optimizer(config.loop.num_steps, schedule_options=config.schedule.values)
+  start = time.perf_counter()
   lowered = aot.lower_program(program, config.model, mesh, global_batch, seq_len,
                               optimizer=optimizer, label_smoothing=config.loop.label_smoothing)
+  lower_seconds = time.perf_counter() - start
   fit = aot.compile_fit(lowered, mesh.devices.flat[0].device_kind)
   result = aot.record(topology, program, mesh, global_batch, seq_len, fit,
-                      aot.model_flops(program, config.model, global_batch, seq_len))
+                      aot.model_flops(program, config.model, global_batch, seq_len),
+                      lower_seconds)
   verdict = "fits" if fit.fits else "does NOT fit"
   print(f"{topology} {program} batch {global_batch} x {seq_len} on mesh {dict(mesh.shape)}: "
         f"{verdict}, {aot.describe(fit)}", flush=True)
@@ -101,22 +98,22 @@ def check(topology: str, program: str, config: run_config.RunConfig, mesh,
 
 
 def find_max_batch(topology: str, config: run_config.RunConfig, mesh, seq_len: int,
-                   start: int) -> int:
-  """Largest global batch (a multiple of the row shards) whose train step fits; 0 if none."""
+                   start: int, limit: int = 2**20) -> tuple[int, list[fit_search.Need]]:
+  """Largest global batch (a multiple of the row shards, at most `limit`) whose train step
+  fits, 0 if none; and the compiles' measurements. Each compile's needed bytes steer the
+  next (lm1b.fit_search)."""
   unit = aot.batch_granularity(mesh)
 
-  def fits(units: int) -> bool:
-    return check(topology, "train", config, mesh, units * unit, seq_len)[1] is None
+  def measure(batch: int) -> fit_search.Need:
+    record, _ = check(topology, "train", config, mesh, batch, seq_len)
+    return fit_search.Need(batch, record["peak_bytes"], record["hbm_bytes"],
+                           record["argument_bytes"])
 
-  low, high = 0, max(start // unit, 1)
-  while fits(high):
-    low, high = high, high * 2
-  while high - low > 1:
-    middle = (low + high) // 2
-    low, high = (middle, high) if fits(middle) else (low, middle)
+  candidates = range(unit, max(limit, unit) + 1, unit)
+  largest, points = fit_search.largest_fitting(measure, candidates, start)
   print(f"{topology}: largest global batch whose train step fits at seq_len {seq_len}: "
-        f"{low * unit}", flush=True)
-  return low * unit
+        f"{largest} ({len(points)} compiles)", flush=True)
+  return largest, points
 
 
 def run(args: argparse.Namespace) -> int:

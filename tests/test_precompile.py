@@ -81,11 +81,15 @@ def test_find_max_batch_searches_multiples_of_the_row_shards(monkeypatch, capsys
 
   def check(topology, program, config, mesh, batch, seq_len):
     tried.append(batch)
-    return {}, None if batch <= limit else "does not fit"
+    needed = 1000 + 10 * batch  # state + activations per row
+    return {"peak_bytes": needed, "hbm_bytes": 1000 + 10 * limit + 1,
+            "argument_bytes": 1000}, None
 
   monkeypatch.setattr(tpu_compile, "check", check)
   mesh = types.SimpleNamespace(shape={"data": 4, "fsdp": 2, "tensor": 1})
-  assert tpu_compile.find_max_batch("v5e:2x4", None, mesh, 256, start) == want
+  largest, points = tpu_compile.find_max_batch("v5e:2x4", None, mesh, 256, start)
+  assert largest == want and [p.size for p in points] == tried
   assert all(batch % 8 == 0 for batch in tried) and len(tried) == len(set(tried))
-  assert f"largest global batch whose train step fits at seq_len 256: {want}" in \
-      capsys.readouterr().out
+  assert len(tried) <= 4, tried
+  assert f"largest global batch whose train step fits at seq_len 256: {want} " \
+      f"({len(tried)} compiles)" in capsys.readouterr().out

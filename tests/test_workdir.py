@@ -41,6 +41,10 @@ def test_resume_check_allows_loop_and_mesh_changes_but_not_model_changes(tmp_pat
     run_config.check_resume(run, _config("make_schedule.learning_rate = 0.5"))
   # A binding that states a default is the same configuration.
   run_config.check_resume(run, _config("ModelConfig.dropout_rate = 0.1"))
+  # Rematerialisation and the attention kernel change how a step runs, not its parameters.
+  run_config.check_resume(run, _config('ModelConfig.remat = "full"'))
+  with pytest.raises(ConfigError, match=r"config\.gin .*ModelConfig\.scan_layers"):
+    run_config.check_resume(run, _config("ModelConfig.scan_layers = True"))
 
 
 def test_reading_a_saved_configuration_keeps_the_parsed_bindings():
