@@ -68,7 +68,7 @@ def measure(case: dict) -> dict:
                                   length)
     tried.append(record)
     return fit_search.Need(length, record["peak_bytes"], record["hbm_bytes"],
-                           record["argument_bytes"])
+                           record["argument_bytes"], record["refused"])
 
   longest, _ = fit_search.largest_fitting(one, LENGTHS, START)
   at_longest = next((r for r in tried if r["seq_len"] == longest), {})

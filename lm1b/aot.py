@@ -124,10 +124,11 @@ class Fit:
   collective_bytes: int | None
   compile_seconds: float
   hlo_instructions: int | None = None  # of the optimized module (all computations)
+  refused: bool = False  # by the compiler: out of memory, whatever the bytes say
 
   @property
   def fits(self) -> bool:
-    return self.hbm_bytes is None or self.peak_bytes <= self.hbm_bytes
+    return not self.refused and (self.hbm_bytes is None or self.peak_bytes <= self.hbm_bytes)
 
 
 def compile_fit(lowered, device_kind: str) -> Fit:
@@ -146,9 +147,9 @@ def compile_fit(lowered, device_kind: str) -> Fit:
     refused = refused_bytes(str(error))
     if refused is None:
       raise
-    return Fit(device_kind, None, None, None, None, refused[0],
-               hbm.hbm_bytes(device_kind) or refused[1], None,
-               time.perf_counter() - start)
+    # The compiler's own usable size (15.75 GiB of a 16 GiB v5e) is the one it refused by.
+    return Fit(device_kind, None, None, None, None, refused[0], refused[1], None,
+               time.perf_counter() - start, refused=True)
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()
   summed = (memory.argument_size_in_bytes + memory.output_size_in_bytes
@@ -205,6 +206,7 @@ def record(topology: str, program: str, mesh: jax.sharding.Mesh, global_batch: i
           "argument_bytes": fit.argument_bytes, "temp_bytes": fit.temp_bytes,
           "output_bytes": fit.output_bytes, "alias_bytes": fit.alias_bytes,
           "peak_bytes": fit.peak_bytes, "hbm_bytes": fit.hbm_bytes, "fits": fit.fits,
+          "refused": fit.refused,
           "collective_bytes": fit.collective_bytes, "model_flops": flops_per_step,
           "compile_seconds": round(fit.compile_seconds, 2),
           "lower_seconds": None if lower_seconds is None else round(lower_seconds, 2),

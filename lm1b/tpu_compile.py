@@ -9,7 +9,8 @@ needed:
 The mesh and logical axis rules are the configured ones (make_mesh bindings), built over the
 topology's devices. For each program: one human line, then one JSON line (starting with "{")
 with topology, device_kind, program, mesh, global_batch, seq_len, argument_bytes, temp_bytes,
-output_bytes, alias_bytes, peak_bytes (per device), hbm_bytes (lm1b.hbm), fits,
+output_bytes, alias_bytes, peak_bytes (per device), hbm_bytes (lm1b.hbm; for a program the
+compiler refused, the usable size it refused by), fits, refused (by the compiler),
 collective_bytes (per device per step, lm1b.hlo_collectives; for sampling, the decode loop's
 body counted once, its trip count depending on the data), model_flops (per step over the
 global batch, lm1b.flops; null for sampling), compile_seconds (XLA's TPU compile),
@@ -107,7 +108,7 @@ def find_max_batch(topology: str, config: run_config.RunConfig, mesh, seq_len: i
   def measure(batch: int) -> fit_search.Need:
     record, _ = check(topology, "train", config, mesh, batch, seq_len)
     return fit_search.Need(batch, record["peak_bytes"], record["hbm_bytes"],
-                           record["argument_bytes"])
+                           record["argument_bytes"], record["refused"])
 
   candidates = range(unit, max(limit, unit) + 1, unit)
   largest, points = fit_search.largest_fitting(measure, candidates, start)

@@ -73,6 +73,17 @@ def test_refusals_of_the_tpu_compiler_are_read(message, needed, available):
   assert aot.refused_bytes("INTERNAL: something else") is None
 
 
+def test_a_refused_program_never_fits_even_within_the_chips_nominal_size():
+  class Refused:  # a jax Lowered whose compile the TPU compiler refuses
+    def compile(self):
+      raise RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used "
+                         "15.94G of 15.75G hbm. Exceeded hbm capacity by 193.5M.")
+
+  fit = aot.compile_fit(Refused(), "TPU v5 lite")  # 15.94 GiB < the chip's 16 GiB
+  assert fit.refused and not fit.fits
+  assert (fit.peak_bytes, fit.hbm_bytes) == (int(15.94 * 2**30), int(15.75 * 2**30))
+
+
 @pytest.mark.parametrize("limit,start,want", [(200, 256, 200), (200, 8, 200), (7, 64, 0),
                                               (4096, 256, 4096)])
 def test_find_max_batch_searches_multiples_of_the_row_shards(monkeypatch, capsys, limit,
@@ -83,7 +94,7 @@ def test_find_max_batch_searches_multiples_of_the_row_shards(monkeypatch, capsys
     tried.append(batch)
     needed = 1000 + 10 * batch  # state + activations per row
     return {"peak_bytes": needed, "hbm_bytes": 1000 + 10 * limit + 1,
-            "argument_bytes": 1000}, None
+            "argument_bytes": 1000, "refused": False}, None
 
   monkeypatch.setattr(tpu_compile, "check", check)
   mesh = types.SimpleNamespace(shape={"data": 4, "fsdp": 2, "tensor": 1})

@@ -70,8 +70,10 @@ def test_a_batch_far_too_large_exits_1_with_one_line():
   assert record["fits"] is False and record["peak_bytes"] > 16 * 2**30
   errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
   line, = errors
-  assert line.startswith("error: train needs ") and "GiB per device, a TPU v5 lite has 16.00 " \
+  # The compiler refused it: the size it refused by is the usable part of the 16 GiB.
+  assert line.startswith("error: train needs ") and "GiB per device, a TPU v5 lite has 15.75 " \
       "GiB; try a smaller global batch, fsdp" in line and "remat" in line
+  assert record["refused"] is True
 
 
 def test_an_unknown_topology_exits_2():
